@@ -1,0 +1,87 @@
+"""checkpoint.py — atomic checkpoint files of plain containers, loaded safely, and models rebuilt from them.
+
+A checkpoint holds the resolved config, the vocabulary (SentencePiece bytes) and the model weights, so it is
+self-contained; `last.pt` adds optimizer, scheduler, RNG states and the data position. Loading always uses
+`torch.load(weights_only=True)`: no pickled code is ever run. Every failure is one NMTError line.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt.config import Config, config_from_dict
+from nmt.errors import NMTError
+from nmt.model import Seq2Seq
+from nmt.vocab import Vocab
+
+FORMAT = "nmt-checkpoint-v1"
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, flush and fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            torch.save({"format": FORMAT, **payload}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise NMTError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0][:200]
+        raise NMTError(f"{path}: refused to load (not plain tensors and containers: {reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
+        raise NMTError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise NMTError(f"{path}: not an nmt checkpoint")
+    for key in ("config", "vocab", "model"):
+        if key not in payload:
+            raise NMTError(f"{path}: checkpoint lacks {key!r}")
+    return payload
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder means its best checkpoint (or last, before any validation); a file means itself."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt", path / "best.pt"):
+            if candidate.is_file():
+                return candidate
+        raise NMTError(f"{path}: no checkpoints/best.pt or checkpoints/last.pt in this folder")
+    return path
+
+
+def model_from_payload(payload: dict[str, Any], where: str = "checkpoint") -> tuple[Seq2Seq, Vocab, Config]:
+    config = config_from_dict(payload["config"], check_files=False)
+    vocab = Vocab.from_state(payload["vocab"])
+    model = Seq2Seq(config.model, vocab.src_size, vocab.tgt_size)
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise NMTError(f"{where}: weights do not fit the model ({str(err).splitlines()[0][:200]})") from None
+    return model, vocab, config
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2Seq, Vocab, Config]:
+    """Load a run folder or checkpoint as an eval-mode model on `device`, with its vocabulary and config."""
+    checkpoint = resolve_checkpoint(path)
+    model, vocab, config = model_from_payload(load_checkpoint(checkpoint), str(checkpoint))
+    return model.to(device).eval(), vocab, config

@@ -1,0 +1,112 @@
+"""model.py — Seq2Seq: the encoder, a bridge to the decoder's initial state, the decoder; init; the DecoderStep.
+
+`forward` is teacher forcing for training; `encode` + `step` implement the `DecoderStep` interface of
+`nmt.search`, so the one search serves this model exactly as it serves exported graphs. `step_tensors` is the
+pure-tensor step that both `step` and the ONNX export use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nmt.config import ModelConfig
+from nmt.decoder import Decoder
+from nmt.encoder import Encoder
+from nmt.search import State
+from nmt.vocab import PAD_ID
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
+        self.lstm = config.rnn_type == "lstm"
+        self.encoder = Encoder(src_vocab_size, config, PAD_ID)
+        self.decoder = Decoder(tgt_vocab_size, self.encoder.output_size, config, PAD_ID)
+        self.bridge = nn.Linear(self.encoder.output_size, config.decoder_layers * config.decoder_hidden)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier/Glorot for weight matrices (per gate for recurrent weights), zero biases, LSTM forget bias 1."""
+        for name, param in self.named_parameters():
+            if "norm" in name:
+                continue  # layer-norm gains stay 1, biases 0
+            if param.dim() == 1:
+                nn.init.zeros_(param)
+                if self.lstm and ("bias_hh" in name or "weight_hh.bias" in name):
+                    size = param.numel() // 4
+                    nn.init.ones_(param[size:2 * size])  # gate order i, f, g, o
+            elif "weight_ih" in name or "weight_hh" in name:
+                gates = 4 if self.lstm else 3
+                for chunk in param.data.chunk(gates, dim=0):
+                    nn.init.xavier_uniform_(chunk)
+            else:
+                nn.init.xavier_uniform_(param)
+        with torch.no_grad():
+            self.encoder.embed.weight[PAD_ID].zero_()
+            self.decoder.embed.weight[PAD_ID].zero_()
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- encoding -------------------------------------------------------------------------------------------
+
+    def encode_tensors(self, src: torch.Tensor, src_lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """src [B, S], src_lengths [B] → memory [B, S, M], keys [B, S, A], src_mask [B, S], hidden [B, L, H],
+        att_vec [B, A'] (and cell [B, L, H] for LSTMs): the initial decoder state."""
+        src_mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)  # [B, S]
+        memory, final = self.encoder(src, src_lengths, src_mask)
+        keys = self.decoder.attention.project_keys(memory)  # [B, S, A]
+        hidden = torch.tanh(self.bridge(final)).view(src.size(0), self.config.decoder_layers, -1)  # [B, L, H]
+        att_vec = memory.new_zeros(src.size(0), self.decoder.att_size)  # [B, A']
+        if self.lstm:
+            return memory, keys, src_mask, hidden, att_vec, torch.zeros_like(hidden)
+        return memory, keys, src_mask, hidden, att_vec
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> State:
+        memory, keys, src_mask, hidden, att_vec, *cell = self.encode_tensors(src, src_lengths)
+        rows = {"hidden": hidden, "att_vec": att_vec}
+        if cell:
+            rows["cell"] = cell[0]
+        return State(rows=rows, sentences={"memory": memory, "keys": keys, "src_mask": src_mask})
+
+    # --- one decoder step -----------------------------------------------------------------------------------
+
+    def step_tensors(self, prev_tokens: torch.Tensor, hidden: torch.Tensor, att_vec: torch.Tensor,
+                     memory: torch.Tensor, keys: torch.Tensor, src_mask: torch.Tensor,
+                     cell: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """One step for N rows → log_probs [N, V] (float32), hidden [N, L, H], att_vec [N, A'], weights [N, S]
+        (and cell [N, L, H] for LSTMs)."""
+        layers = hidden.unbind(1)
+        states = list(zip(layers, cell.unbind(1))) if cell is not None else list(layers)
+        att_vec, states, weights = self.decoder.step(prev_tokens, states, att_vec, keys, memory, src_mask)
+        log_probs = torch.log_softmax(self.decoder.logits(att_vec).float(), dim=-1)  # [N, V]
+        if cell is not None:
+            return (log_probs, torch.stack([h for h, _ in states], 1), att_vec, weights,
+                    torch.stack([c for _, c in states], 1))
+        return log_probs, torch.stack(states, 1), att_vec, weights
+
+    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        rows, sent = state.rows, state.sentences
+        log_probs, hidden, att_vec, _, *cell = self.step_tensors(
+            prev_tokens, rows["hidden"], rows["att_vec"], sent["memory"], sent["keys"], sent["src_mask"],
+            rows.get("cell"))
+        new_rows = {"hidden": hidden, "att_vec": att_vec}
+        if cell:
+            new_rows["cell"] = cell[0]
+        return log_probs, State(rows=new_rows, sentences=sent)
+
+    # --- teacher forcing ------------------------------------------------------------------------------------
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: src [B, S], tgt_in [B, T] (bos + target) → logits [B, T, V]."""
+        memory, keys, src_mask, hidden, att_vec, *cell = self.encode_tensors(src, src_lengths)
+        layers = hidden.unbind(1)
+        states = list(zip(layers, cell[0].unbind(1))) if cell else list(layers)
+        att_vecs = []
+        for t in range(tgt_in.size(1)):
+            att_vec, states, _ = self.decoder.step(tgt_in[:, t], states, att_vec, keys, memory, src_mask)
+            att_vecs.append(att_vec)
+        return self.decoder.logits(torch.stack(att_vecs, dim=1))  # [B, T, V]

@@ -1,0 +1,381 @@
+"""train.py — the one training loop (`Trainer`) and `nmt train`.
+
+Adam, label-smoothed cross-entropy over real target tokens, gradient-norm clipping, LR warmup then decay when
+validation BLEU stalls, validation (loss + greedy BLEU) every `valid_every` steps, early stopping, atomic
+`best.pt` / `last.pt`, exact `--resume`, AMP and CUDA, DDP under torchrun (one process per device, batches
+sharded by rank). Dropout is seeded from (seed, step, rank), so a resumed run draws the same masks; the
+data position (epoch, batch) and the optimizer/scheduler states come from `last.pt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from nmt.checkpoint import load_checkpoint, model_from_payload, resolve_checkpoint, save_checkpoint
+from nmt.config import Config, load_config
+from nmt.data import Batch, TrainingData, filter_for_training, load_parallel, tokenize
+from nmt.errors import NMTError
+from nmt.evaluate import bleu
+from nmt.model import Seq2Seq
+from nmt.translate import Translator
+from nmt.vocab import PAD_ID, Vocab, train_vocab
+
+log = logging.getLogger("nmt.train")
+
+
+class LRSchedule:
+    """Linear warmup over `warmup_steps`, then the LR is multiplied by `decay` after `patience` validations
+    without a better BLEU. Plain-number state, so it fits in a weights-only checkpoint."""
+
+    def __init__(self, base_lr: float, warmup_steps: int, decay: float, patience: int) -> None:
+        self.base_lr, self.warmup_steps, self.decay, self.patience = base_lr, warmup_steps, decay, patience
+        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+
+    def lr(self, step: int) -> float:
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        return self.base_lr * self.scale * warmup
+
+    def observe(self, metric: float) -> None:
+        if metric > self.best:
+            self.best, self.bad = metric, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.scale, self.bad = self.scale * self.decay, 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale, self.best, self.bad = float(state["scale"]), float(state["best"]), int(state["bad"])
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in `last.pt`."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch already trained on
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_validations: int = 0
+
+
+def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed cross-entropy and summed NLL over non-pad targets. logits [B, T, V], target [B, T]."""
+    flat_logits, flat_target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)
+    loss = nn.functional.cross_entropy(flat_logits, flat_target, ignore_index=PAD_ID,
+                                       label_smoothing=label_smoothing, reduction="sum")
+    with torch.no_grad():
+        nll = nn.functional.cross_entropy(flat_logits, flat_target, ignore_index=PAD_ID, reduction="sum")
+    return loss, nll
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); initializes the process group when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("NMT_DDP_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise NMTError(f"train.device is {name}, but no CUDA device is available (use --set train.device=cpu)")
+        return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    return torch.device("cpu")
+
+
+class Trainer:
+    # A hook for distillation: extra loss given (model, batch, logits) → (loss term, weight of the usual loss).
+    extra_loss: Callable[[nn.Module, Batch, torch.Tensor], tuple[torch.Tensor, float]] | None = None
+
+    def __init__(self, config: Config, resume: bool = False, quiet: bool = False, vocab: Vocab | None = None) -> None:
+        self.config, self.cfg = config, config.train
+        if config.data.train is None or config.data.dev is None:
+            raise NMTError("data.train and data.dev are needed for training")
+        self.rank, self.world, local_rank = _distributed()
+        self.device = _device(self.cfg.device, local_rank)
+        self.run_dir = Path(self.cfg.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.quiet = quiet or self.rank != 0
+        last = self.ckpt_dir / "last.pt"
+        if not resume and last.exists():
+            raise NMTError(f"{self.run_dir} already holds a training run: use --resume, or another train.out_dir")
+        if resume and not last.exists():
+            raise NMTError(f"nothing to resume: {last} does not exist")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_logging()
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+        torch.manual_seed(self.cfg.seed)
+        self.vocab = self._vocabulary(vocab)
+        self.train_data, self.dev_table = self._datasets()
+        self.model = Seq2Seq(config.model, self.vocab.src_size, self.vocab.tgt_size).to(self.device)
+        if self.cfg.init_from and not resume:
+            source = resolve_checkpoint(self.cfg.init_from)
+            self.model.load_state_dict(model_from_payload(load_checkpoint(source), str(source))[0].state_dict())
+        self.ddp_model = self.model
+        if self.world > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.schedule = LRSchedule(self.cfg.lr, self.cfg.warmup_steps, self.cfg.lr_decay, self.cfg.lr_patience)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp or "")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
+        self.progress = Progress()
+        if resume:
+            self._resume(last)
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self._stop_signal: int | None = None
+        self.log(f"model: {self.model.parameter_count():,} parameters; vocab {self.vocab.src_size}/{self.vocab.tgt_size}; "
+                 f"{len(self.train_data):,} training pairs; device {self.device}; world size {self.world}")
+
+    # --- setup ----------------------------------------------------------------------------------------------
+
+    def _setup_logging(self) -> None:
+        self.logger = logging.getLogger(f"nmt.train.{self.run_dir}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        if self.rank == 0 and not self.logger.handlers:
+            handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            self.logger.addHandler(handler)
+
+    def log(self, message: str) -> None:
+        if self.rank != 0:
+            return
+        self.logger.info(message)
+        if not self.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+    def _vocabulary(self, given: Vocab | None) -> Vocab:
+        """Save the given vocabulary (a student shares its teacher's) or train one, once, on rank 0, in the run
+        folder; other ranks and resumed runs load it from there."""
+        vocab_dir = self.run_dir / "vocab"
+        if self.rank == 0 and not any(vocab_dir.glob("spm*.model")):
+            if given is None:
+                table = load_parallel(self.config.data.train)
+                given = train_vocab(self.config.vocab, table["src"], table["tgt"])
+            given.save(vocab_dir)
+        if self.world > 1:
+            dist.barrier()
+        return Vocab.load(vocab_dir)
+
+    def _datasets(self):
+        data = self.config.data
+        train = filter_for_training(tokenize(load_parallel(data.train), self.vocab), data)
+        dev = load_parallel(data.dev)
+        if data.valid_max_sentences:
+            dev = dev.select(range(min(len(dev), data.valid_max_sentences)))
+        return TrainingData(train, self.cfg.batch_tokens, self.cfg.seed, self.rank, self.world), dev
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+
+    def _payload(self, full: bool) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "config": self.config.to_dict(), "vocab": self.vocab.to_state(), "model": self.model.state_dict(),
+            "step": self.progress.step, "best_bleu": self.progress.best_bleu,
+        }
+        if full:
+            payload.update(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+                           scaler=self.scaler.state_dict(), progress=vars(self.progress).copy())
+        return payload
+
+    def save(self, name: str) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.ckpt_dir / name, self._payload(full=name == "last.pt"))
+
+    def _resume(self, path: Path) -> None:
+        payload = load_checkpoint(path, map_location=self.device)
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.schedule.load_state_dict(payload["schedule"])
+            if payload.get("scaler"):
+                self.scaler.load_state_dict(payload["scaler"])
+            self.progress = Progress(**payload["progress"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise NMTError(f"{path}: cannot resume from it ({str(err).splitlines()[0][:160]})") from None
+
+    # --- training -------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def step(self, batch: Batch) -> tuple[float, int]:
+        """One optimizer step on a batch; returns (mean NLL per target token, target tokens)."""
+        self.ddp_model.train()
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.progress.step * 101 + self.rank)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule.lr(self.progress.step)
+        batch = batch.to(self.device)
+        tokens = batch.n_tgt_tokens
+        with self._autocast():
+            logits = self.ddp_model(batch.src, batch.src_lengths, batch.tgt_in)
+        loss, nll = sequence_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
+        loss = loss / tokens
+        if self.extra_loss is not None:
+            extra, weight = self.extra_loss(self.model, batch, logits)
+            loss = (1 - weight) * loss + weight * extra
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.progress.step += 1
+        return float(nll) / tokens, tokens
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        """Dev loss (NLL per token, teacher forcing) and greedy-decoding BLEU on detokenized text."""
+        self.model.eval()
+        src, refs = list(self.dev_table["src"]), list(self.dev_table["tgt"])
+        translator = Translator(self.model, self.vocab, self.config.decode, self.device)
+        hyps = [n[0].text for n in translator.translate(src, beam_size=1, nbest=1)]
+        pairs = [(s, r) for s, r in zip(self.vocab.encode_src(src), self.vocab.encode_tgt(refs)) if s and r]
+        total, count = 0.0, 0
+        for start in range(0, len(pairs), 64):
+            chunk = pairs[start: start + 64]
+            batch = Batch.from_ids([s[: self.config.decode.max_input_len - 1] for s, _ in chunk],
+                                   [r for _, r in chunk]).to(self.device)
+            with self._autocast():
+                logits = self.model(batch.src, batch.src_lengths, batch.tgt_in)
+            total += float(sequence_loss(logits, batch.tgt_out, 0.0)[1])
+            count += batch.n_tgt_tokens
+        return total / max(count, 1), bleu(hyps, refs)
+
+    def _after_validation(self, valid_loss: float, valid_bleu: float) -> bool:
+        """Book-keeping after a validation; returns True when training should stop early."""
+        p = self.progress
+        improved = valid_bleu > p.best_bleu
+        if improved:
+            p.best_bleu, p.best_step, p.bad_validations = valid_bleu, p.step, 0
+            self.save("best.pt")
+        else:
+            p.bad_validations += 1
+        self.schedule.observe(valid_bleu)
+        lr = self.schedule.lr(p.step)
+        self.log(f"validation at step {p.step}: loss {valid_loss:.4f}, ppl {math.exp(min(valid_loss, 50)):.2f}, "
+                 f"BLEU {valid_bleu:.2f}{' (best)' if improved else ''}, lr {lr:.2e}")
+        self._record({"step": p.step, "valid_loss": valid_loss, "valid_bleu": valid_bleu, "lr": lr})
+        stop = p.bad_validations >= self.cfg.patience or lr < self.cfg.min_lr
+        if stop:
+            self.log(f"early stopping: no better BLEU for {p.bad_validations} validations (best {p.best_bleu:.2f} "
+                     f"at step {p.best_step})" if p.bad_validations >= self.cfg.patience else
+                     f"stopping: learning rate {lr:.2e} fell below train.min_lr")
+        return stop
+
+    def _record(self, values: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as out:
+            out.write(json.dumps(values) + "\n")
+        for key, value in values.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, values["step"])
+        self.writer.flush()
+
+    def _validate_everywhere(self) -> bool:
+        """Validate on rank 0 and share the stop decision with every rank."""
+        stop = self._after_validation(*self.validate()) if self.rank == 0 else False
+        self.save("last.pt")
+        if self.world > 1:
+            flag = torch.tensor([int(stop)], device=self.device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
+
+    def _handle_signal(self, signum: int, _frame) -> None:
+        self._stop_signal = signum
+
+    def train(self) -> dict[str, Any]:
+        """Train until max_steps / max_epochs / early stopping; returns a summary."""
+        cfg, p = self.cfg, self.progress
+        old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        started = time.time()
+        stop = p.bad_validations >= cfg.patience or bool(cfg.max_steps and p.step >= cfg.max_steps)
+        window_tokens, window_loss, window_start = 0, 0.0, time.time()
+        bar = tqdm(total=cfg.max_steps or None, initial=p.step, disable=self.quiet or not cfg.progress,
+                   desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        try:
+            while not stop and p.epoch < cfg.max_epochs:
+                batches = self.train_data.batcher.epoch(p.epoch)
+                for indices in batches[p.batch_in_epoch:]:
+                    loss, tokens = self.step(self.train_data.batch(indices))
+                    p.batch_in_epoch += 1
+                    window_tokens, window_loss = window_tokens + tokens, window_loss + loss * tokens
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    lr = self.schedule.lr(p.step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{window_tokens / elapsed:.0f}", lr=f"{lr:.1e}")
+                    if p.step % cfg.log_every == 0:
+                        self.log(f"step {p.step} | epoch {p.epoch + 1} | loss {window_loss / window_tokens:.4f} | "
+                                 f"lr {lr:.2e} | {window_tokens / elapsed:.0f} target tokens/s")
+                        self._record({"step": p.step, "train_loss": window_loss / window_tokens,
+                                      "tokens_per_s": window_tokens / elapsed})
+                        window_tokens, window_loss, window_start = 0, 0.0, time.time()
+                    reached_max = cfg.max_steps and p.step >= cfg.max_steps
+                    if p.step % cfg.valid_every == 0 or reached_max:
+                        stop = self._validate_everywhere() or bool(reached_max)
+                    if self._stop_signal is not None:
+                        self.save("last.pt")
+                        raise NMTError(f"interrupted at step {p.step}; checkpoint saved, continue with --resume")
+                    if stop:
+                        break
+                else:
+                    p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+            if not stop and p.step % cfg.valid_every != 0:
+                self._validate_everywhere()  # the last steps of the final epoch
+        finally:
+            bar.close()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            if self.writer is not None:
+                self.writer.close()
+        summary = {"steps": p.step, "epochs": p.epoch, "best_bleu": p.best_bleu, "best_step": p.best_step,
+                   "parameters": self.model.parameter_count(), "wall_s": round(time.time() - started, 1),
+                   "run_dir": str(self.run_dir)}
+        self.log(f"done: {json.dumps(summary)}")
+        return summary
+
+
+def run_train(config_path: str, resume: bool = False, overrides: list[str] | tuple[str, ...] = (),
+              config: Config | None = None) -> dict[str, Any]:
+    """`nmt train`: train from a YAML config (or an already built Config); returns the summary."""
+    config = config or load_config(config_path, overrides)
+    trainer = Trainer(config, resume=resume)
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,152 @@
+"""translate.py — raw text in, detokenized text out, over any DecoderStep backend; `nmt translate` / `nmt score`.
+
+`Translator` owns the text side of decoding: SentencePiece encoding, cropping of over-long inputs, batching by
+length, greedy or beam search (nmt.search), restoring input order, detokenizing. Exactly one result per input
+line, whatever the line holds (an empty line gives an empty translation). Backends are built elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from nmt.config import DecodeConfig
+from nmt.data import pad, read_lines
+from nmt.errors import NMTError
+from nmt.search import DecoderStep, Hypothesis, beam_search, forced_scores, greedy_search
+from nmt.vocab import EOS_ID, Vocab
+
+
+@dataclass
+class Translation:
+    text: str
+    score: float
+    tokens: list[int]
+
+
+class Translator:
+    def __init__(self, decoder: DecoderStep, vocab: Vocab, decode: DecodeConfig, device: str | torch.device = "cpu"):
+        self.decoder, self.vocab, self.decode, self.device = decoder, vocab, decode, torch.device(device)
+        self.cropped = 0  # inputs cut to decode.max_input_len so far
+
+    def _source_ids(self, lines: list[str]) -> list[list[int]]:
+        ids = self.vocab.encode_src([line.strip() for line in lines])
+        limit = self.decode.max_input_len - 1  # room for eos
+        for i, seq in enumerate(ids):
+            if len(seq) > limit:
+                ids[i] = seq[:limit]
+                self.cropped += 1
+        return ids
+
+    def _batches(self, ids: list[list[int]]) -> Iterator[list[int]]:
+        """Indices of non-empty inputs, longest first, in batches of decode.batch_size."""
+        order = sorted((i for i, seq in enumerate(ids) if seq), key=lambda i: -len(ids[i]))
+        for start in range(0, len(order), self.decode.batch_size):
+            yield order[start: start + self.decode.batch_size]
+
+    def translate(self, lines: list[str], **overrides) -> list[list[Translation]]:
+        """Translate lines; `overrides` replace DecodeConfig fields (beam_size, nbest, length_penalty, ...).
+        Returns `nbest` translations per line (beam 1 = greedy search)."""
+        decode = dataclasses.replace(self.decode, **{k: v for k, v in overrides.items() if v is not None})
+        if decode.nbest > decode.beam_size:
+            raise NMTError(f"--nbest {decode.nbest} is larger than --beam-size {decode.beam_size}")
+        ids = self._source_ids(lines)
+        empty = [Translation("", 0.0, [])] * decode.nbest
+        results: list[list[Translation]] = [empty for _ in lines]
+        for batch in self._batches(ids):
+            src, lengths = pad([ids[i] for i in batch], suffix=EOS_ID)
+            src, lengths = src.to(self.device), lengths.to(self.device)
+            if decode.beam_size == 1:
+                hyps = [[h] for h in greedy_search(self.decoder, src, lengths, decode.max_len_ratio, decode.min_len)]
+            else:
+                hyps = beam_search(self.decoder, src, lengths, decode.beam_size, decode.nbest, decode.length_penalty,
+                                   decode.max_len_ratio, decode.min_len)
+            for i, nbest in zip(batch, hyps):
+                results[i] = [self._text(h) for h in nbest] + empty[len(nbest):]
+        return results
+
+    def _text(self, hyp: Hypothesis) -> Translation:
+        return Translation(self.vocab.decode_tgt(hyp.tokens), hyp.score, hyp.tokens)
+
+    def score(self, sources: list[str], targets: list[str]) -> list[float]:
+        """Forced-decoding total log-probability of each target given its source (empty source → 0.0)."""
+        if len(sources) != len(targets):
+            raise NMTError(f"--src has {len(sources)} lines but --tgt has {len(targets)}")
+        src_ids = self._source_ids(sources)
+        tgt_ids = self.vocab.encode_tgt([t.strip() for t in targets])
+        scores = [0.0] * len(sources)
+        for batch in self._batches(src_ids):
+            src, lengths = pad([src_ids[i] for i in batch], suffix=EOS_ID)
+            totals = forced_scores(self.decoder, src.to(self.device), lengths.to(self.device),
+                                   [tgt_ids[i] for i in batch])
+            for i, total in zip(batch, totals.tolist()):
+                scores[i] = total
+        return scores
+
+
+def format_line(translation: Translation, with_score: bool) -> str:
+    text = translation.text.replace("\n", " ").replace("\r", " ")
+    return f"{translation.score:.4f}\t{text}" if with_score else text
+
+
+def _read_input(path: str | None) -> list[str]:
+    if path is None or path == "-":
+        data = sys.stdin.buffer.read()
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        return [line.rstrip(b"\r").decode("utf-8", errors="replace") for line in lines]
+    if not Path(path).is_file():
+        raise NMTError(f"input file not found: {path}")
+    return read_lines(path)
+
+
+def _open_output(path: str | None) -> TextIO:
+    if path is None or path == "-":
+        return sys.stdout
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w", encoding="utf-8")
+
+
+def run_translate(translator: Translator, input: str | None = None, output: str | None = None,
+                  scores: bool = False, chunk_lines: int = 10_000, **overrides) -> int:
+    """Translate a file (or stdin) to a file (or stdout), one line out per line in (n lines with n-best).
+    Returns the number of input lines."""
+    lines = _read_input(input)
+    out = _open_output(output)
+    try:
+        for start in range(0, len(lines), chunk_lines):
+            for nbest in translator.translate(lines[start: start + chunk_lines], **overrides):
+                for translation in nbest:
+                    out.write(format_line(translation, scores) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if translator.cropped:
+        print(f"warning: {translator.cropped} input line(s) longer than {translator.decode.max_input_len} pieces "
+              f"were cropped", file=sys.stderr)
+    return len(lines)
+
+
+def run_score(translator: Translator, src: str, tgt: str, output: str | None = None) -> list[float]:
+    """`nmt score`: print the forced-decoding total log-probability of each target line."""
+    for path in (src, tgt):
+        if not Path(path).is_file():
+            raise NMTError(f"file not found: {path}")
+    totals = translator.score(read_lines(src), read_lines(tgt))
+    out = _open_output(output)
+    try:
+        for total in totals:
+            out.write(f"{total:.4f}\n" if math.isfinite(total) else "-inf\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return totals
