@@ -7,13 +7,14 @@ with `src` / `tgt` text columns; tokenization is a batched, cached `Dataset.map`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 
@@ -21,10 +22,20 @@ from nmt.config import CorpusSpec, DataConfig
 from nmt.errors import NMTError
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
 
-datasets.disable_progress_bars()
-logging.getLogger("datasets").setLevel(logging.ERROR)
+if TYPE_CHECKING:
+    import datasets
 
 _FILE_BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@functools.cache
+def hf():
+    """The `datasets` module, imported on first use (it takes a second; decoding never needs it)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    return datasets
 
 
 def check_utf8(path: str | Path) -> int:
@@ -40,7 +51,7 @@ def check_utf8(path: str | Path) -> int:
 
 
 def _text_file(path: str) -> datasets.Dataset:
-    return datasets.load_dataset("text", data_files=path, split="train")
+    return hf().load_dataset("text", data_files=path, split="train")
 
 
 def _load_file_pair(spec: CorpusSpec) -> datasets.Dataset:
@@ -49,7 +60,7 @@ def _load_file_pair(spec: CorpusSpec) -> datasets.Dataset:
         raise NMTError(f"misaligned corpus: {spec.src} has {src_lines} lines, {spec.tgt} has {tgt_lines}")
     src = _text_file(spec.src).rename_column("text", "src")
     tgt = _text_file(spec.tgt).rename_column("text", "tgt")
-    return datasets.concatenate_datasets([src, tgt], axis=1)
+    return hf().concatenate_datasets([src, tgt], axis=1)
 
 
 def _load_table(spec: CorpusSpec) -> datasets.Dataset:
@@ -60,8 +71,8 @@ def _load_table(spec: CorpusSpec) -> datasets.Dataset:
         check_utf8(spec.path)
     options = {"delimiter": "\t", "quoting": 3} if spec.path.lower().endswith(".tsv") else {}
     try:
-        table = datasets.load_dataset(builder, data_files=spec.path, split="train", **options)
-    except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+        table = hf().load_dataset(builder, data_files=spec.path, split="train", **options)
+    except (hf().exceptions.DatasetGenerationError, ValueError) as err:
         raise NMTError(f"{spec.path}: cannot read as {builder} ({err.__cause__ or err})") from None
     return _select_columns(table, spec.src_column, spec.tgt_column, spec.path)
 
@@ -81,13 +92,13 @@ def _load_hub(spec: CorpusSpec) -> datasets.Dataset:
     local = Path(spec.hub)
     try:
         if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
-            table = datasets.load_from_disk(str(local))
-            if isinstance(table, datasets.DatasetDict):
+            table = hf().load_from_disk(str(local))
+            if isinstance(table, hf().DatasetDict):
                 if spec.split not in table:
                     raise NMTError(f"{spec.hub}: no split {spec.split!r} (splits: {', '.join(table)})")
                 table = table[spec.split]
         else:
-            table = datasets.load_dataset(spec.hub, spec.config, split=spec.split)
+            table = hf().load_dataset(spec.hub, spec.config, split=spec.split)
     except NMTError:
         raise
     except Exception as err:  # the hub client raises many types (connection, missing config, ...)

@@ -1,7 +1,10 @@
-"""encoder.py — the bidirectional recurrent encoder: embeddings, N layers of BiGRU (or BiLSTM) over packed sequences.
+"""encoder.py — the bidirectional recurrent encoder: embeddings, then N layers of a forward and a backward
+GRU (or LSTM), concatenated.
 
-Returns per-position states (the attention memory) and the last layer's final forward/backward states. With
-layer normalization the layers are unrolled cell by cell (cuDNN's fused RNNs have no layer norm).
+The backward RNN reads each sentence reversed within its own length, so padding never enters either
+direction. Training packs the sequences (no work on padding); `packed=False` runs the same weights on the
+padded tensors (the form ONNX export traces); both give the same result. With layer normalization the layers
+are unrolled cell by cell (fused cuDNN RNNs have no layer norm).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.config import ModelConfig
-from nmt.rnn import make_cell, run_cell
+from nmt.rnn import make_cell, reverse_padded, run_cell
 
 
 class Encoder(nn.Module):
@@ -21,33 +24,41 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layer_norm = config.layer_norm
         self.output_size = 2 * config.encoder_hidden
-        if config.layer_norm:
-            self.cells = nn.ModuleList(
-                make_cell(config.rnn_type, config.embed_dim if layer == 0 else self.output_size,
-                          config.encoder_hidden, layer_norm=True)
-                for layer in range(config.encoder_layers) for _ in range(2))
-        else:
-            rnn = nn.LSTM if config.rnn_type == "lstm" else nn.GRU
-            self.rnn = rnn(config.embed_dim, config.encoder_hidden, num_layers=config.encoder_layers,
-                           batch_first=True, bidirectional=True,
-                           dropout=config.dropout if config.encoder_layers > 1 else 0.0)
+        rnn_class = nn.LSTM if config.rnn_type == "lstm" else nn.GRU
 
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """src [B, S], src_lengths [B], src_mask [B, S] → memory [B, S, 2H], final state [B, 2H]."""
+        def direction(input_size: int) -> nn.Module:
+            if config.layer_norm:
+                return make_cell(config.rnn_type, input_size, config.encoder_hidden, layer_norm=True)
+            return rnn_class(input_size, config.encoder_hidden, batch_first=True)
+
+        self.layers = nn.ModuleList(
+            nn.ModuleList([direction(size), direction(size)])  # forward, backward
+            for size in [config.embed_dim] + [self.output_size] * (config.encoder_layers - 1))
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, src_mask: torch.Tensor,
+                packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """src [B, S], src_lengths [B], src_mask [B, S] → memory [B, S, 2H] (zero at padding), final [B, 2H]."""
         x = self.dropout(self.embed(src))  # [B, S, E]
-        if self.layer_norm:
-            return self._unrolled(x, src_mask)
-        packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, final = self.rnn(packed)
-        memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # [B, S, 2H]
-        h_n = final[0] if isinstance(final, tuple) else final  # [layers * 2, B, H]
-        return memory, torch.cat([h_n[-2], h_n[-1]], dim=-1)  # [B, 2H]
-
-    def _unrolled(self, x: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer in range(len(self.cells) // 2):
-            if layer:
+        for depth, (forward_rnn, backward_rnn) in enumerate(self.layers):
+            if depth:
                 x = self.dropout(x)
-            forward, h_fw = run_cell(self.cells[2 * layer], x, src_mask, reverse=False)
-            backward, h_bw = run_cell(self.cells[2 * layer + 1], x, src_mask, reverse=True)
-            x = torch.cat([forward, backward], dim=-1)  # [B, S, 2H]
-        return x, torch.cat([h_fw, h_bw], dim=-1)
+            out_fw, last_fw = self._run(forward_rnn, x, src_lengths, src_mask, packed)
+            out_bw, last_bw = self._run(backward_rnn, reverse_padded(x, src_lengths), src_lengths, src_mask, packed)
+            x = torch.cat([out_fw, reverse_padded(out_bw, src_lengths)], dim=-1)  # [B, S, 2H]
+        return x, torch.cat([last_fw, last_bw], dim=-1)  # final: [B, 2H]
+
+    def _run(self, rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor,
+             packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One direction over left-aligned sequences → outputs [B, S, H] (zero at padding), last state [B, H]."""
+        if self.layer_norm:
+            return run_cell(rnn, x, mask)
+        if packed:
+            sequence = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, final = rnn(sequence)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
+            h_n = final[0] if isinstance(final, tuple) else final  # [1, B, H]
+            return out, h_n[0]
+        out, _ = rnn(x)
+        out = out * mask.unsqueeze(-1)
+        last = out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.size(-1))).squeeze(1)  # [B, H]
+        return out, last

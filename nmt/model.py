@@ -53,11 +53,12 @@ class Seq2Seq(nn.Module):
 
     # --- encoding -------------------------------------------------------------------------------------------
 
-    def encode_tensors(self, src: torch.Tensor, src_lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode_tensors(self, src: torch.Tensor, src_lengths: torch.Tensor, packed: bool = True) -> tuple[torch.Tensor, ...]:
         """src [B, S], src_lengths [B] → memory [B, S, M], keys [B, S, A], src_mask [B, S], hidden [B, L, H],
-        att_vec [B, A'] (and cell [B, L, H] for LSTMs): the initial decoder state."""
+        att_vec [B, A'] (and cell [B, L, H] for LSTMs): the initial decoder state. `packed=False` is the
+        padded-tensor form the ONNX export traces (same results)."""
         src_mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)  # [B, S]
-        memory, final = self.encoder(src, src_lengths, src_mask)
+        memory, final = self.encoder(src, src_lengths, src_mask, packed)
         keys = self.decoder.attention.project_keys(memory)  # [B, S, A]
         hidden = torch.tanh(self.bridge(final)).view(src.size(0), self.config.decoder_layers, -1)  # [B, L, H]
         att_vec = memory.new_zeros(src.size(0), self.decoder.att_size)  # [B, A']

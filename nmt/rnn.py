@@ -84,23 +84,22 @@ def keep_where(mask: torch.Tensor, new: State, old: State) -> State:
     return torch.where(m, new, old)
 
 
-def run_cell(cell: nn.Module, inputs: torch.Tensor, mask: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unroll `cell` over inputs [B, S, I] with mask [B, S]; returns outputs [B, S, H] and the final hidden [B, H].
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse each sequence of x [B, S, ...] within its own length; padding stays at the end. Self-inverse."""
+    steps = x.size(1)
+    positions = torch.arange(steps, device=x.device).unsqueeze(0)  # [1, S]
+    lengths = lengths.to(x.device).unsqueeze(1)  # [B, 1]
+    flip = torch.where(positions < lengths, lengths - 1 - positions, positions)  # [B, S]
+    index = flip.view(*flip.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, index)
 
-    In reverse, each sequence is read from its own last real token backwards, so padding never enters.
-    """
-    batch, steps, _ = inputs.shape
-    if reverse:
-        lengths = mask.sum(1, keepdim=True)  # [B, 1]
-        positions = torch.arange(steps, device=inputs.device).unsqueeze(0)
-        flip = torch.where(positions < lengths, lengths - 1 - positions, positions)  # [B, S]
-        inputs = inputs.gather(1, flip.unsqueeze(-1).expand_as(inputs))
-    state = zero_state(cell, batch, inputs)
+
+def run_cell(cell: nn.Module, inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unroll `cell` over inputs [B, S, I] with mask [B, S] (True = real token; padding leaves the state
+    unchanged); returns outputs [B, S, H] (zero at padding) and the final hidden [B, H]."""
+    state = zero_state(cell, inputs.size(0), inputs)
     outputs = []
-    for t in range(steps):
+    for t in range(inputs.size(1)):
         state = keep_where(mask[:, t], cell(inputs[:, t], state), state)
         outputs.append(hidden_of(state))
-    out = torch.stack(outputs, dim=1) * mask.unsqueeze(-1)  # [B, S, H]
-    if reverse:
-        out = out.gather(1, flip.unsqueeze(-1).expand_as(out))
-    return out, hidden_of(state)
+    return torch.stack(outputs, dim=1) * mask.unsqueeze(-1), hidden_of(state)

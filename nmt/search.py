@@ -116,7 +116,8 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
     """Batched beam search: all sentences × K beams in one tensor; finished sentences leave the batch.
 
     At each step the 2K best continuations of a sentence are taken; an eos among its K best closes a
-    hypothesis, the K best others continue. A sentence is done when its nbest-th finished hypothesis scores
+    hypothesis, the K best others continue. The greedy path is never pruned: when its next step falls out of
+    the K best it takes the last slot, so beam search never ends below greedy search's score. A sentence is done when its nbest-th finished hypothesis scores
     at least the best live beam would if it ended now: exact without length penalty (scores only fall), the
     usual heuristic with it; at the maximum length eos is forced. Returns the `nbest` best finished
     hypotheses of each sentence, ranked by score / length penalty.
@@ -131,6 +132,7 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
     history = torch.full((batch * k, 0), BOS_ID, dtype=torch.long, device=device)  # [B'*K, t]
     prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    greedy_slot = torch.zeros(batch, dtype=torch.long, device=device)  # [B'] beam of the greedy path, -1 once ended
     for t in range(int(max_lens.max()) + 1):
         live = active.size(0)
         log_probs, state = decoder.step(prev, state)
@@ -142,22 +144,36 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
         origin, token = top_index // vocab, top_index % vocab  # beam within the sentence, next token
         is_eos = token == EOS_ID
 
-        # Close hypotheses: eos among the K best candidates, with a finite score.
+        # The greedy path's next token: the best of its own beam's continuations.
+        sentence = torch.arange(live, device=device)
+        greedy_on = greedy_slot >= 0
+        greedy_beam = greedy_slot.clamp(min=0)
+        greedy_lp, greedy_token = log_probs.view(live, k, vocab)[sentence, greedy_beam].max(dim=-1)  # [B']
+        greedy_score = scores[sentence, greedy_beam] + greedy_lp
+        greedy_ends = greedy_on & (greedy_token == EOS_ID)
+
+        # Close hypotheses: eos among the K best candidates with a finite score, and the greedy path's eos.
         closing = is_eos & (top_scores > -math.inf)
         closing[:, k:] = False
-        if closing.any():
-            for s, c in closing.nonzero().tolist():
-                row = s * k + int(origin[s, c])
-                tokens = history[row].tolist()
-                score = float(top_scores[s, c])
-                norm = score / length_penalty(len(tokens) + 1, alpha)
-                finished[int(active[s])].append(Hypothesis(tokens, score, norm))
+        listed = (closing & (origin == greedy_beam.unsqueeze(1))).any(dim=1)
+        ends = [(s, int(origin[s, c]), float(top_scores[s, c])) for s, c in closing.nonzero().tolist()]
+        ends += [(s, int(greedy_beam[s]), float(greedy_score[s])) for s in (greedy_ends & ~listed).nonzero().view(-1).tolist()]
+        for s, beam, score in ends:
+            tokens = history[s * k + beam].tolist()
+            finished[int(active[s])].append(Hypothesis(tokens, score, score / length_penalty(len(tokens) + 1, alpha)))
 
-        # Continue the K best non-eos candidates.
+        # Continue the K best non-eos candidates, keeping the greedy path in the last slot if it fell out.
         cont_scores, cont_pos = top_scores.masked_fill(is_eos, -math.inf).topk(k, dim=-1)  # [B', K]
-        cont_origin = origin.gather(1, cont_pos)
-        rows = (torch.arange(live, device=device).unsqueeze(1) * k + cont_origin).view(-1)  # [B'*K]
-        prev = token.gather(1, cont_pos).view(-1)
+        cont_origin, cont_token = origin.gather(1, cont_pos), token.gather(1, cont_pos)
+        match = (cont_origin == greedy_beam.unsqueeze(1)) & (cont_token == greedy_token.unsqueeze(1))  # [B', K]
+        missing = greedy_on & ~greedy_ends & ~match.any(dim=1)
+        if missing.any():
+            cont_origin[missing, k - 1] = greedy_beam[missing]
+            cont_token[missing, k - 1] = greedy_token[missing]
+            cont_scores[missing, k - 1] = greedy_score[missing]
+        greedy_slot = torch.where(greedy_on & ~greedy_ends, torch.where(missing, k - 1, match.int().argmax(1)), -1)
+        rows = (sentence.unsqueeze(1) * k + cont_origin).view(-1)  # [B'*K]
+        prev = cont_token.view(-1)
         history = torch.cat([history.index_select(0, rows), prev.unsqueeze(1)], dim=1)
         scores = cont_scores
         state = state.select(rows)
@@ -175,7 +191,7 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
         if done_mask.any():
             keep = (~done_mask).nonzero().squeeze(1)
             keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            active, scores = active[keep], scores[keep]
+            active, scores, greedy_slot = active[keep], scores[keep], greedy_slot[keep]
             prev, history = prev[keep_rows], history[keep_rows]
             state = state.select(keep_rows, keep)
     results = []

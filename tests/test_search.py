@@ -1,0 +1,149 @@
+"""Greedy and beam search over the DecoderStep interface: equivalences, optimality, lengths, n-best, scores."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_random_model
+from nmt.checkpoint import load_model
+from nmt.data import pad
+from nmt.search import State, beam_search, forced_scores, greedy_search, length_penalty
+from nmt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+
+def random_sources(count: int, vocab: int, seed: int, max_len: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(4, vocab, (int(torch.randint(1, max_len + 1, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(count)]
+    return pad(seqs, suffix=EOS_ID)
+
+
+@pytest.fixture(scope="module")
+def toy_model(toy_run):
+    model, vocab, _ = load_model(toy_run)
+    return model, vocab
+
+
+@pytest.fixture(scope="module")
+def toy_sources(toy_model, toy_corpus):
+    _, vocab = toy_model
+    lines = (toy_corpus / "test.src").read_text().splitlines()[:40]
+    return pad(vocab.encode_src(lines), suffix=EOS_ID)
+
+
+def test_beam_of_one_equals_greedy_on_trained_and_random_models(toy_model, toy_sources):
+    cases = [(toy_model[0], *toy_sources)] + [
+        (tiny_random_model(vocab_size=9, seed=s), *random_sources(12, 9, seed=s)) for s in range(3)]
+    for model, src, lengths in cases:
+        greedy = greedy_search(model, src, lengths, max_len_ratio=2.0)
+        for alpha in (0.0, 1.0):
+            beam = beam_search(model, src, lengths, beam_size=1, alpha=alpha, max_len_ratio=2.0)
+            for g, (b,) in zip(greedy, beam):
+                assert b.tokens == g.tokens
+                assert b.score == pytest.approx(g.score, abs=1e-5)
+
+
+def test_wider_beam_never_scores_below_greedy_without_length_penalty(toy_model, toy_sources):
+    cases = [(toy_model[0], *toy_sources)] + [
+        (tiny_random_model(vocab_size=9, seed=s), *random_sources(12, 9, seed=s + 10)) for s in range(4)]
+    for model, src, lengths in cases:
+        greedy = greedy_search(model, src, lengths, max_len_ratio=2.0)
+        for k in (2, 5, 10):
+            beam = beam_search(model, src, lengths, beam_size=k, alpha=0.0, max_len_ratio=2.0)
+            for g, (b,) in zip(greedy, beam):
+                assert b.score >= g.score - 1e-5
+
+
+def _exhaustive_best(model, src, lengths, max_tokens: int, vocab: int) -> tuple[list[int], float]:
+    """Score every output (up to max_tokens tokens, then eos) by forced decoding; return the best."""
+    symbols = [t for t in range(vocab) if t not in (PAD_ID, BOS_ID, EOS_ID)]
+    candidates = [list(seq) for n in range(max_tokens + 1) for seq in itertools.product(symbols, repeat=n)]
+    scores = forced_scores(model, src.expand(len(candidates), -1), lengths.expand(len(candidates)), candidates)
+    best = int(scores.argmax())
+    return candidates[best], float(scores[best])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_as_wide_as_the_search_space_finds_the_exhaustive_best(seed):
+    vocab = 6  # pad, unk, bos, eos + 2 symbols: unk and the symbols can be generated
+    model = tiny_random_model(vocab_size=vocab, seed=seed)
+    src, lengths = random_sources(1, vocab, seed=seed, max_len=2)
+    ratio = 3.0 / (int(lengths[0]) - 1)  # exactly 3 tokens at most before eos
+    best_tokens, best_score = _exhaustive_best(model, src, lengths, 3, vocab)
+    (hyp,) = beam_search(model, src, lengths, beam_size=200, alpha=0.0, max_len_ratio=ratio)[0]
+    assert hyp.tokens == best_tokens
+    assert hyp.score == pytest.approx(best_score, abs=1e-4)
+
+
+def test_nbest_is_sorted_and_distinct(toy_model, toy_sources):
+    model, _ = toy_model
+    src, lengths = toy_sources
+    for hyps in beam_search(model, src, lengths, beam_size=5, nbest=3, alpha=1.0):
+        assert len(hyps) == 3
+        norms = [h.normalized for h in hyps]
+        assert norms == sorted(norms, reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == 3
+        for h in hyps:
+            assert h.normalized == pytest.approx(h.score / length_penalty(len(h.tokens) + 1, 1.0))
+
+
+def test_scores_printed_by_search_equal_forced_decoding_scores(toy_model, toy_sources):
+    model, _ = toy_model
+    src, lengths = toy_sources
+    for hyps in (beam_search(model, src, lengths, beam_size=5, nbest=2), [[h] for h in greedy_search(model, src, lengths)]):
+        for rank in range(len(hyps[0])):
+            targets = [h[rank].tokens for h in hyps]
+            forced = forced_scores(model, src, lengths, targets)
+            assert [h[rank].score for h in hyps] == pytest.approx(forced.tolist(), abs=1e-3)
+
+
+def test_max_and_min_length_are_respected():
+    model = tiny_random_model(vocab_size=9, seed=3)
+    src, lengths = random_sources(8, 9, seed=5, max_len=4)
+    limits = torch.ceil((lengths - 1).float() * 1.5).long()
+    for hyp, limit in zip(greedy_search(model, src, lengths, max_len_ratio=1.5), limits.tolist()):
+        assert len(hyp.tokens) <= limit
+    for hyps in beam_search(model, src, lengths, beam_size=3, max_len_ratio=3.0, min_len=2):
+        assert len(hyps[0].tokens) >= 2
+    for hyp in greedy_search(model, src, lengths, max_len_ratio=3.0, min_len=2):
+        assert len(hyp.tokens) >= 2
+
+
+def test_search_never_emits_pad_or_bos_but_may_emit_unk():
+    model = tiny_random_model(vocab_size=6, seed=1)
+    with torch.no_grad():  # make pad, bos and unk the most likely outputs
+        model.decoder.output.bias[[PAD_ID, BOS_ID, UNK_ID]] = 20.0
+    src, lengths = random_sources(4, 6, seed=2)
+    for hyps in beam_search(model, src, lengths, beam_size=3, max_len_ratio=2.0):
+        assert PAD_ID not in hyps[0].tokens and BOS_ID not in hyps[0].tokens
+        assert UNK_ID in hyps[0].tokens
+
+
+def test_batched_search_equals_one_sentence_at_a_time(toy_model, toy_sources):
+    model, _ = toy_model
+    src, lengths = toy_sources
+    batched = beam_search(model, src, lengths, beam_size=4)
+    for i in range(0, src.size(0), 7):
+        alone = beam_search(model, src[i: i + 1, : int(lengths[i])], lengths[i: i + 1], beam_size=4)
+        assert alone[0][0].tokens == batched[i][0].tokens
+        assert alone[0][0].score == pytest.approx(batched[i][0].score, abs=1e-4)
+
+
+def test_state_select_reorders_rows_and_sentences():
+    rows = {"h": torch.arange(6).view(6, 1)}
+    sentences = {"m": torch.arange(3).view(3, 1)}
+    picked = State(rows, sentences).select(torch.tensor([5, 5, 0]), torch.tensor([2]))
+    assert picked.rows["h"].view(-1).tolist() == [5, 5, 0]
+    assert picked.sentences["m"].view(-1).tolist() == [2]
+    assert State(rows, sentences).select(torch.tensor([1])).sentences["m"] is sentences["m"]
+
+
+def test_length_penalty_is_gnmt():
+    assert length_penalty(1, 0.0) == 1.0
+    assert length_penalty(7, 1.0) == pytest.approx(2.0)
+    assert length_penalty(7, 0.6) == pytest.approx(2.0 ** 0.6)
+    assert math.isclose(length_penalty(torch.tensor(1.0), 2.0).item(), 1.0)
