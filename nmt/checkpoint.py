@@ -46,8 +46,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0][:200]
-        raise NMTError(f"{path}: refused to load (not plain tensors and containers: {reason})") from None
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:160]
+        if "Unsupported global" in detail:
+            raise NMTError(f"{path}: refused to load: it holds pickled objects, not plain tensors and containers "
+                           f"({detail})") from None
+        raise NMTError(f"{path}: not a readable checkpoint ({detail})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
         raise NMTError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err)[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -129,7 +129,12 @@ class DistillConfig:
     """Knowledge distillation from a teacher (Kim & Rush 2016)."""
 
     teacher: str = ""  # teacher run folder or checkpoint
-    word_kd_weight: float = 0.0  # > 0: mix in KL(teacher || student) per token with this weight
+    beam_size: int = 5  # the teacher's beam when translating the training source
+    shard_size: int = 2000  # source lines per shard; a killed distillation redoes at most one shard
+    keep_original: bool = False  # train the student on distilled + original pairs
+    seq_inter: bool = False  # pick, of the teacher's n-best, the one closest to the reference (sentence BLEU)
+    nbest: int = 5  # n-best size for seq_inter
+    word_kd_weight: float = 0.0  # > 0: mix in cross-entropy to the teacher's distribution with this weight
     word_kd_topk: int = 8  # teacher probabilities kept per token for word-level KD
 
 
@@ -279,6 +284,9 @@ def validate(config: Config, check_files: bool = True) -> Config:
         ("decode.max_len_ratio", config.decode.max_len_ratio > 0),
         ("decode.max_input_len", config.decode.max_input_len >= 1),
         ("decode.batch_size", config.decode.batch_size >= 1),
+        ("distill.beam_size", config.distill.beam_size >= 1),
+        ("distill.shard_size", config.distill.shard_size >= 1),
+        ("distill.nbest", 1 <= config.distill.nbest <= config.distill.beam_size or not config.distill.seq_inter),
         ("distill.word_kd_weight", 0.0 <= config.distill.word_kd_weight <= 1.0),
         ("distill.word_kd_topk", config.distill.word_kd_topk >= 1),
     ]

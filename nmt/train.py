@@ -108,8 +108,9 @@ def _device(name: str, local_rank: int) -> torch.device:
 
 
 class Trainer:
-    # A hook for distillation: extra loss given (model, batch, logits) → (loss term, weight of the usual loss).
-    extra_loss: Callable[[nn.Module, Batch, torch.Tensor], tuple[torch.Tensor, float]] | None = None
+    # Word-level distillation's hook: an extra loss from (model, batch, logits), mixed in with this weight.
+    extra_loss: Callable[[nn.Module, Batch, torch.Tensor], torch.Tensor] | None = None
+    extra_loss_weight: float = 0.0
 
     def __init__(self, config: Config, resume: bool = False, quiet: bool = False, vocab: Vocab | None = None) -> None:
         self.config, self.cfg = config, config.train
@@ -243,8 +244,8 @@ class Trainer:
         loss, nll = sequence_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
         loss = loss / tokens
         if self.extra_loss is not None:
-            extra, weight = self.extra_loss(self.model, batch, logits)
-            loss = (1 - weight) * loss + weight * extra
+            weight = self.extra_loss_weight
+            loss = (1 - weight) * loss + weight * self.extra_loss(self.model, batch, logits)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.clip_norm > 0:

@@ -1,0 +1,132 @@
+"""distill.py — knowledge distillation from a teacher to a (smaller) student; `nmt distill`.
+
+Sequence-level KD (Kim & Rush 2016): the teacher translates the whole training source with beam search, in
+shards written atomically (a kill loses at most one shard), and the student trains on those translations,
+optionally with the original pairs too, or with the n-best hypothesis closest to the reference (Seq-Inter).
+Word-level KD optionally adds cross-entropy to the teacher's top-k distribution per target token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import sacrebleu
+import torch
+
+from nmt.checkpoint import load_model
+from nmt.config import Config, CorpusSpec, load_config
+from nmt.data import Batch, load_parallel
+from nmt.errors import NMTError
+from nmt.model import Seq2Seq
+from nmt.train import Trainer
+from nmt.translate import Translator
+from nmt.vocab import PAD_ID
+
+
+def _write_atomic(path: Path, lines: list[str]) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w", encoding="utf-8") as out:
+        out.writelines(line + "\n" for line in lines)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, path)
+
+
+def _closest_to_reference(candidates: list[str], reference: str) -> str:
+    """Seq-Inter: the candidate with the highest sentence BLEU to the reference (first on ties)."""
+    scores = [sacrebleu.sentence_bleu(c, [reference]).score for c in candidates]
+    return candidates[scores.index(max(scores))]
+
+
+def translate_shards(translator: Translator, sources: list[str], references: list[str], folder: Path,
+                     config: Config, log=print) -> list[str]:
+    """Translate `sources` shard by shard into `folder/shard-NNNNN.txt`, skipping shards already written;
+    returns the distilled targets, one per source line."""
+    d = config.distill
+    folder.mkdir(parents=True, exist_ok=True)
+    nbest = d.nbest if d.seq_inter else 1
+    targets: list[str] = []
+    for number, start in enumerate(range(0, len(sources), d.shard_size)):
+        shard = folder / f"shard-{number:05d}.txt"
+        chunk = sources[start: start + d.shard_size]
+        if shard.is_file():
+            lines = shard.read_text(encoding="utf-8").split("\n")[:-1]
+            if len(lines) == len(chunk):
+                targets.extend(lines)
+                continue
+        began = time.time()
+        results = translator.translate(chunk, beam_size=d.beam_size, nbest=nbest)
+        if d.seq_inter:
+            lines = [_closest_to_reference([t.text for t in n], ref)
+                     for n, ref in zip(results, references[start: start + d.shard_size])]
+        else:
+            lines = [n[0].text for n in results]
+        _write_atomic(shard, lines)
+        targets.extend(lines)
+        log(f"distill: shard {number} ({len(chunk)} lines) in {time.time() - began:.1f} s "
+            f"({len(chunk) / max(time.time() - began, 1e-9):.1f} sentences/s)")
+    return targets
+
+
+def word_kd_loss(teacher: Seq2Seq, topk: int):
+    """The Trainer's extra loss: cross-entropy from the teacher's renormalized top-k distribution (teacher
+    forced on the reference) to the student's, averaged over real target tokens."""
+
+    def loss(student: torch.nn.Module, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(batch.src, batch.src_lengths, batch.tgt_in).float()  # [B, T, V]
+            top_logits, top_ids = teacher_logits.topk(topk, dim=-1)  # [B, T, k]
+            top_probs = torch.softmax(top_logits, dim=-1)
+        student_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, top_ids)  # [B, T, k]
+        mask = batch.tgt_out != PAD_ID  # [B, T]
+        per_token = -(top_probs * student_log_probs).sum(-1)  # [B, T]
+        return (per_token * mask).sum() / mask.sum()
+
+    return loss
+
+
+def run_distill(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                corpus_only: bool = False, config: Config | None = None) -> dict[str, Any]:
+    """`nmt distill`: translate the training source with the teacher, write the distilled corpus in the
+    student's run folder (`distill/train.src|tgt`), then train the student on it (resuming if it was stopped)."""
+    config = config or load_config(config_path, overrides)
+    d = config.distill
+    if not d.teacher:
+        raise NMTError("distill.teacher: name the teacher's run folder or checkpoint")
+    if config.data.train is None:
+        raise NMTError("data.train: the training corpus to distil is needed")
+    device = config.train.device if config.train.device != "cuda" else "cuda:0"
+    teacher, vocab, teacher_config = load_model(d.teacher, device)
+    run_dir = Path(config.train.out_dir)
+    folder = run_dir / "distill"
+    table = load_parallel(config.data.train)
+    sources, references = list(table["src"]), list(table["tgt"])
+    began = time.time()
+    translator = Translator(teacher, vocab, teacher_config.decode, device)
+    targets = translate_shards(translator, sources, references, folder / "shards", config)
+    seconds = time.time() - began
+    src_lines, tgt_lines = list(sources), list(targets)
+    if d.keep_original:
+        src_lines += sources
+        tgt_lines += references
+    _write_atomic(folder / "train.src", [s.replace("\n", " ") for s in src_lines])
+    _write_atomic(folder / "train.tgt", tgt_lines)
+    summary: dict[str, Any] = {"distilled_pairs": len(src_lines), "teacher": d.teacher,
+                               "translate_s": round(seconds, 1)}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    if corpus_only:
+        return summary
+    student_config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, train=CorpusSpec(src=str(folder / "train.src"), tgt=str(folder / "train.tgt"))))
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    trainer = Trainer(student_config, resume=resume, vocab=vocab)
+    if d.word_kd_weight > 0:
+        trainer.extra_loss = word_kd_loss(teacher.train(False), d.word_kd_topk)
+        trainer.extra_loss_weight = d.word_kd_weight
+    summary["student"] = trainer.train()
+    return summary

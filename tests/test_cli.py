@@ -1,0 +1,142 @@
+"""The `nmt` command line: translate/score/evaluate contracts, line alignment, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt.cli import main
+
+
+def nmt(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nmt.cli", *args], input=stdin, capture_output=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_scores_printed_by_translate_equal_nmt_score(toy_run, toy_corpus, tmp_path):
+    for beam in ("1", "5"):
+        out = nmt("translate", "--model", str(toy_run), "--input", str(toy_corpus / "test.src"), "--scores",
+                  "--beam-size", beam, "--nbest", "1")
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.decode().splitlines()
+        assert len(lines) == 100
+        printed = [float(line.split("\t")[0]) for line in lines]
+        hyp = tmp_path / f"hyp{beam}.txt"
+        hyp.write_text("\n".join(line.split("\t", 1)[1] for line in lines) + "\n")
+        scored = nmt("score", "--model", str(toy_run), "--src", str(toy_corpus / "test.src"), "--tgt", str(hyp))
+        assert scored.returncode == 0, scored.stderr
+        assert [float(x) for x in scored.stdout.decode().split()] == pytest.approx(printed, abs=1e-3)
+
+
+def test_one_output_line_per_input_line_whatever_the_input(toy_run):
+    long_line = " ".join(["a", "b", "c", "d"] * 500)  # 2,000 words
+    lines = ["a b c", "", "   ", "\t", long_line, "k l", "é ü ∑ 中文", "x" * 50, ""]
+    data = ("\n".join(lines) + "\n").encode() + b"b c \xff\xfe d\n"  # and a line that is not UTF-8
+    out = nmt("translate", "--model", str(toy_run), "--beam-size", "3", stdin=data)
+    assert out.returncode == 0, out.stderr
+    result = out.stdout.decode().split("\n")
+    assert result[-1] == "" and len(result) - 1 == len(lines) + 1
+    assert result[0] == "c b a"
+    assert result[1] == result[2] == result[3] == result[8] == ""
+    assert b"cropped" in out.stderr  # the 2,000-word line was cut to decode.max_input_len pieces
+
+
+def test_nbest_prints_n_lines_per_input_in_order(toy_run):
+    out = nmt("translate", "--model", str(toy_run), "--beam-size", "4", "--nbest", "3", "--scores",
+              stdin=b"a b c\n\nd e f g\n")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.decode().splitlines()
+    assert len(lines) == 9
+    assert lines[0].split("\t")[1] == "c b a" and lines[6].split("\t")[1] == "g f e d"
+    assert lines[3:6] == ["0.0000\t"] * 3
+    first = [float(x.split("\t")[0]) for x in lines[:3]]
+    assert first[0] >= first[1] and first[0] >= first[2]
+
+
+def test_translate_reads_and_writes_files(toy_run, toy_corpus, tmp_path):
+    out_file = tmp_path / "sub" / "out.txt"
+    assert main(["translate", "--model", str(toy_run / "checkpoints/best.pt"), "--input",
+                 str(toy_corpus / "dev.src"), "--output", str(out_file), "--beam-size", "2"]) == 0
+    assert len(out_file.read_text().splitlines()) == 100
+
+
+def test_evaluate_reports_bleu_chrf_with_signatures_and_multiple_references(tmp_path, capsys):
+    hyp, ref1, ref2 = tmp_path / "h", tmp_path / "r1", tmp_path / "r2"
+    hyp.write_text("the cat sat on the mat\nhello world\n")
+    ref1.write_text("the cat sat on the mat\nhello there world\n")
+    ref2.write_text("a cat sat on a mat\nhello world\n")
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref1), "--ref", str(ref2), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["bleu"] == 100.0 and report["sentences"] == 2
+    assert "nrefs:2" in report["bleu_signature"] and "nrefs:2" in report["chrf_signature"]
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref1)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("BLEU = ") and "chrF = " in text and "version:" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "missing.yaml"], "config file not found"),
+    (["translate", "--model", "missing_run"], "checkpoint not found"),
+    (["translate"], "required"),
+    (["translate", "--model", "x", "--beam-size", "0"], "must be at least 1"),
+    (["evaluate", "--hyp", "nope", "--ref", "nope"], "file not found"),
+    (["bogus"], "invalid choice"),
+])
+def test_usage_and_input_errors_are_one_line_with_status_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_bad_configs_give_one_line_errors_naming_the_key(toy_corpus, tmp_path, capsys):
+    good = (f"data:\n  train: {{src: {toy_corpus}/train.src, tgt: {toy_corpus}/train.tgt}}\n"
+            f"  dev: {{src: {toy_corpus}/dev.src, tgt: {toy_corpus}/dev.tgt}}\n")
+    cases = {
+        good + "model: {embed_size: 3}\n": "model.embed_size: unknown key (valid: embed_dim",
+        good + "model: {embed_dim: big}\n": "model.embed_dim: must be int",
+        good + "train: {amp: maybe}\n": "train.amp: must be",
+        good + "decode: {beam_size: 0}\n": "decode.beam_size: invalid value 0",
+        good + "model: {rnn_type: transformer}\n": "model.rnn_type: must be 'gru' or 'lstm'",
+        "data:\n  train: {src: nowhere.es, tgt: nowhere.en}\n": "data.train.src: file not found",
+        "data: [1, 2\n": "not valid YAML",
+        "- just\n- a list\n": "top level must be a mapping",
+        good + "vocab: 12\n": "vocab: must be a mapping",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+        assert main(["train", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (text, err)
+    path.write_text(good)
+    assert main(["train", str(path), "--set", "train.max_steps"]) == 2
+    assert "expected section.key=value" in capsys.readouterr().err
+
+
+def test_corrupt_and_hostile_checkpoints_are_refused_with_one_line(tmp_path, toy_run, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": "nmt-checkpoint-v1", "config": {}, "vocab": {}, "model": Evil()}, hostile)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((toy_run / "checkpoints/best.pt").read_bytes()[:5000])
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"format": "nmt-checkpoint-v1", "config": {"model": {"embed_dim": 5}},
+                "vocab": torch.load(toy_run / "checkpoints/best.pt", weights_only=True)["vocab"],
+                "model": {"x": torch.zeros(1)}}, wrong)
+    for path, message in ((hostile, "refused to load"), (garbage, "not a readable checkpoint"),
+                          (truncated, "not a readable checkpoint"), (wrong, "weights do not fit")):
+        assert main(["translate", "--model", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert "pwned" not in captured.out
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
