@@ -163,7 +163,10 @@ class Trainer:
         self.logger = logging.getLogger(f"nmt.train.{self.run_dir}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
-        if self.rank == 0 and not self.logger.handlers:
+        for handler in list(self.logger.handlers):  # a second Trainer on the same folder reopens the file
+            self.logger.removeHandler(handler)
+            handler.close()
+        if self.rank == 0:
             handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             self.logger.addHandler(handler)
@@ -326,7 +329,8 @@ class Trainer:
         started = time.time()
         stop = p.bad_validations >= cfg.patience or bool(cfg.max_steps and p.step >= cfg.max_steps)
         window_tokens, window_loss, window_start = 0, 0.0, time.time()
-        bar = tqdm(total=cfg.max_steps or None, initial=p.step, disable=self.quiet or not cfg.progress,
+        bar = tqdm(total=cfg.max_steps or None, initial=p.step,
+                   disable=self.quiet or not cfg.progress or not sys.stderr.isatty(),
                    desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         try:
             while not stop and p.epoch < cfg.max_epochs:

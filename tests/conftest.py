@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import torch
 
 from nmt.config import Config, ModelConfig, config_from_dict
 from nmt.model import Seq2Seq
+
+# Tiny models gain nothing from more threads, and several processes (torchrun, CLI subprocesses) would fight
+# over the cores: one thread each keeps the suite fast and its timings steady.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 ALPHABET = "a b c d e f g h i j k l".split()
 

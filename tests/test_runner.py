@@ -1,0 +1,236 @@
+"""Tests for recipes/runner.py: stages run once, are skipped while current, rerun when their inputs change,
+resume after a kill; features not built are skipped; the summary files and the plot are written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nmt.errors import NMTError
+from nmt.train import Trainer
+from recipes.runner import STAGES, load_recipe, run_recipe, select_stages
+from conftest import TINY_MODEL
+
+OPTIONAL_MODULES = ("nmt.distill", "serving.export", "serving.backends")
+
+
+def recipe_values(corpus: Path) -> dict:
+    return {
+        "description": "toy reversal task",
+        "run_dir": "run",
+        "corpus": {"kind": "files", "dir": str(corpus), "src_lang": "src", "tgt_lang": "tgt"},
+        "teacher": {
+            "vocab": {"size": 20},
+            "model": dict(TINY_MODEL),
+            "train": {"batch_tokens": 1000, "lr": 0.004, "max_steps": 20, "valid_every": 10, "log_every": 5,
+                      "label_smoothing": 0.0, "progress": False},
+            "decode": {"batch_size": 50},
+        },
+        "student": {"model": {"embed_dim": 16, "encoder_hidden": 32, "decoder_hidden": 32, "attention_dim": 16},
+                    "train": {"max_steps": 10}},
+        "evaluate": {"max_sentences": 40},
+    }
+
+
+def write_recipe(folder: Path, values: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
+def hide_optional_modules(patch: pytest.MonkeyPatch) -> None:
+    """Make distillation and export look unbuilt, whatever exists in the working tree."""
+    for name in OPTIONAL_MODULES:
+        patch.setitem(sys.modules, name, None)
+
+
+def stage_lines(text: str) -> dict[str, str]:
+    """{stage: what the runner said first about it}: 'current, skipped', 'running', 'resuming'."""
+    said = {}
+    for line in text.splitlines():
+        if line.startswith("[") and "]" in line:
+            name, _, rest = line[1:].partition("] ")
+            said.setdefault(name, rest)
+    return said
+
+
+def state_of(folder: Path) -> dict:
+    return json.loads((folder / "run" / "state.json").read_text())["stages"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine threads slow them tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def finished_run(toy_corpus, tmp_path_factory) -> Path:
+    """A toy recipe run once end to end (distillation and export hidden); tests work on copies."""
+    folder = tmp_path_factory.mktemp("recipe")
+    write_recipe(folder, recipe_values(toy_corpus))
+    with pytest.MonkeyPatch.context() as patch:
+        hide_optional_modules(patch)
+        run_recipe(folder / "recipe.yaml")
+    return folder
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path, monkeypatch) -> Path:
+    hide_optional_modules(monkeypatch)
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def test_first_run_runs_every_stage_and_skips_unbuilt_features(finished_run):
+    state = state_of(finished_run)
+    assert list(state) == list(STAGES)
+    done = {"prepare", "vocab", "teacher", "evaluate_teacher", "student", "evaluate_student", "translate_sample"}
+    assert {name for name, record in state.items() if record["status"] == "done"} == done
+    assert "nmt.distill" in state["distill"]["message"]
+    assert "serving.export" in state["export"]["message"]
+    assert state["engines"]["status"] == "skipped"
+    assert state["student"]["result"]["distilled"] is False
+    assert sorted(p.name for p in (finished_run / "run" / "vocab").iterdir()) == ["spm.model"]
+
+
+def test_summary_files_and_plot_are_written(finished_run):
+    run = finished_run / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    teacher, student = summary["models"]["teacher"], summary["models"]["student"]
+    assert set(teacher["decodes"]) == {"beam5"} and set(student["decodes"]) == {"beam5", "beam1"}
+    assert teacher["parameters"] > student["parameters"] > 0
+    assert teacher["checkpoint_bytes"] > 0 and teacher["test_sentences"] == 40
+    speed = student["decodes"]["beam1"]
+    assert speed["sentences_per_s"] > 0 and speed["threads"] >= 1
+    assert 0 <= teacher["decodes"]["beam5"]["bleu"] <= 100
+    assert len((run / "eval" / "student.beam1.tgt").read_text().splitlines()) == 40
+    assert summary["stages"]["teacher"]["wall_s"] > 0
+    markdown = (run / "summary.md").read_text()
+    assert "| teacher | beam 5 |" in markdown and "| student | greedy |" in markdown
+    assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((run / "sample.txt").read_text().splitlines()) == 5
+
+
+def test_rerun_skips_every_current_stage(run_copy, monkeypatch, capsys):
+    monkeypatch.setattr(Trainer, "train", lambda self: pytest.fail("a current stage trained again"))
+    before = state_of(run_copy)
+    run_recipe(run_copy / "recipe.yaml")
+    said = stage_lines(capsys.readouterr().err)
+    unbuilt = {"distill", "export", "engines"}  # skipped stages check again each time, cheaply
+    assert {name for name, what in said.items() if what == "current, skipped"} == set(STAGES) - unbuilt
+    after = state_of(run_copy)
+    assert all(after[name]["fingerprint"] == before[name]["fingerprint"] for name in STAGES)
+
+
+def test_changed_student_config_reruns_only_affected_stages(run_copy, toy_corpus, capsys):
+    values = recipe_values(toy_corpus)
+    values["student"]["train"]["max_steps"] = 12
+    write_recipe(run_copy, values)
+    run_recipe(run_copy / "recipe.yaml")
+    said = stage_lines(capsys.readouterr().err)
+    current = {name for name, what in said.items() if what == "current, skipped"}
+    assert current == {"prepare", "vocab", "teacher", "evaluate_teacher"}
+    assert said["student"] == "running"
+    assert state_of(run_copy)["student"]["result"]["steps"] == 12
+
+
+def test_changed_decoding_reruns_only_evaluation(run_copy, toy_corpus, monkeypatch, capsys):
+    monkeypatch.setattr(Trainer, "train", lambda self: pytest.fail("decoding settings retrained a model"))
+    values = recipe_values(toy_corpus)
+    values["teacher"]["decode"]["length_penalty"] = 0.6  # the student inherits the teacher's decoding
+    write_recipe(run_copy, values)
+    run_recipe(run_copy / "recipe.yaml", end="evaluate_student")
+    said = stage_lines(capsys.readouterr().err)
+    assert said["evaluate_teacher"] == said["evaluate_student"] == "running"
+    assert said["teacher"] == said["student"] == "current, skipped"
+
+
+def test_killed_teacher_resumes_from_last_checkpoint(toy_corpus, tmp_path, monkeypatch):
+    hide_optional_modules(monkeypatch)
+    recipe = write_recipe(tmp_path, recipe_values(toy_corpus))
+    original_step = Trainer.step
+
+    def dies_at_step_15(self, batch):
+        if self.progress.step == 15:
+            raise RuntimeError("killed")
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", dies_at_step_15)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_recipe(recipe, end="teacher")
+    record = state_of(tmp_path)["teacher"]
+    assert record["status"] == "started" and "killed" in record["error"]
+    monkeypatch.setattr(Trainer, "step", original_step)
+    run_recipe(recipe, end="teacher")
+    result = state_of(tmp_path)["teacher"]["result"]
+    assert result["resumed_from_step"] == 10 and result["steps"] == 20
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "valid_bleu" in m] == [10, 20]
+
+
+def test_built_distillation_and_export_are_called(run_copy, toy_corpus, monkeypatch, capsys):
+    calls = []
+
+    def run_distill(config_path, overrides=(), corpus_only=False, config=None):
+        """Like nmt.distill: the corpus goes to STUDENT/distill/, then the student trains on it."""
+        calls.append(("distill", corpus_only, config.distill.teacher))
+        folder = Path(config.train.out_dir) / "distill"
+        if corpus_only:
+            folder.mkdir(parents=True)
+            for side in ("src", "tgt"):
+                shutil.copy(toy_corpus / f"train.{side}", folder / f"train.{side}")
+            return {"distilled_pairs": 3000}
+        from nmt.vocab import Vocab
+        return {"student": Trainer(config, quiet=True, vocab=Vocab.load(Path(config.distill.teacher) / "vocab")).train()}
+
+    def run_export(model, out, tensorrt=False, fp16=False, int8=False):
+        calls.append(("export", Path(model).name, tensorrt))
+        Path(out).mkdir(parents=True)
+        (Path(out) / "model.json").write_text("{}")
+
+    monkeypatch.setitem(sys.modules, "nmt.distill", types.SimpleNamespace(run_distill=run_distill))
+    monkeypatch.setitem(sys.modules, "serving.export", types.SimpleNamespace(run_export=run_export))
+    run_recipe(run_copy / "recipe.yaml")
+    teacher_dir = str(run_copy / "run" / "teacher")
+    assert calls == [("distill", True, teacher_dir), ("distill", False, teacher_dir), ("export", "student", False)]
+    state = state_of(run_copy)
+    assert state["distill"]["result"] == {"distilled_pairs": 3000}
+    assert state["student"]["result"]["distilled"] is True
+    assert state["export"]["result"]["model"] == "student" and state["export"]["result"]["bytes"] == 2
+    assert state["translate_sample"]["result"]["backend"] == "torch"  # serving.backends stays hidden
+    capsys.readouterr()
+    run_recipe(run_copy / "recipe.yaml")
+    said = stage_lines(capsys.readouterr().err)
+    assert {name for name, what in said.items() if what != "current, skipped"} == {"engines"}
+    assert len(calls) == 3
+
+
+def test_recipe_mistakes_are_one_line_errors(toy_corpus, tmp_path):
+    values = recipe_values(toy_corpus)
+    values["teacher"]["data"] = {"train": {"src": "x", "tgt": "y"}}
+    with pytest.raises(NMTError, match="teacher.data.train: set by the runner"):
+        load_recipe(write_recipe(tmp_path, values))
+    values = recipe_values(toy_corpus)
+    values["teacher"]["model"]["hidden"] = 3
+    with pytest.raises(NMTError, match="teacher: model.hidden: unknown key"):
+        load_recipe(write_recipe(tmp_path, values))
+    values = recipe_values(toy_corpus)
+    values["corpus"]["kind"] = "ftp"
+    with pytest.raises(NMTError, match="corpus.kind"):
+        load_recipe(write_recipe(tmp_path, values))
+    with pytest.raises(NMTError, match="--from bake: unknown stage"):
+        select_stages("bake", None)
+    assert select_stages("student", "export") == ["student", "evaluate_student", "export"]
