@@ -310,17 +310,23 @@ def config_from_dict(values: dict[str, Any], base: Path | None = None, check_fil
     return validate(config, check_files)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config, apply `section.key=value` overrides, validate. The only entry point for configs."""
-    path = Path(path)
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (config or recipe); anything else is one NMTError line."""
     if not path.is_file():
-        raise NMTError(f"config file not found: {path}")
+        raise NMTError(f"{what} not found: {path}")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise NMTError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise NMTError(f"{path}: the top level must be a mapping of sections")
+    return values
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, validate. The only entry point for configs."""
+    path = Path(path)
+    values = read_yaml(path, "config file")
     for override in overrides:
         _set_path(values, override)
     return config_from_dict(values, path.resolve().parent)

@@ -23,9 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import yaml
 
-from nmt.config import Config, config_from_dict
+from nmt.config import Config, config_from_dict, read_yaml
 from nmt.errors import NMTError
 
 SPLITS = ("train", "dev", "test")
@@ -151,13 +150,7 @@ def _corpus(value: Any, base: Path) -> CorpusSection:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe YAML; relative paths are relative to its folder."""
     path = Path(path).resolve()
-    if not path.is_file():
-        raise NMTError(f"recipe not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise NMTError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    values = _mapping(values, str(path))
+    values = read_yaml(path, "recipe")
     for key in values:
         if key not in RECIPE_KEYS:
             raise NMTError(f"{path.name}: {key}: unknown key (valid: {', '.join(RECIPE_KEYS)})")

@@ -10,7 +10,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from nmt.errors import NMTError
@@ -64,15 +63,6 @@ def stage_lines(text: str) -> dict[str, str]:
 
 def state_of(folder: Path) -> dict:
     return json.loads((folder / "run" / "state.json").read_text())["stages"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine threads slow them tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

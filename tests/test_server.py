@@ -1,0 +1,137 @@
+"""Tests for serving/server.py: a real uvicorn server on a free loopback port over the ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from nmt.cli import open_translator
+from serving.server import Limits, RequestError, create_app, parse_request
+from tests.test_export import export_once
+
+CLIENTS, REQUESTS = 20, 200
+
+
+@pytest.fixture(scope="session")
+def exported(toy_run, tmp_path_factory):
+    return export_once(toy_run, tmp_path_factory)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def translator(exported):
+    return open_translator(str(exported), "onnxruntime", "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(translator) -> Iterator[str]:
+    """The app under uvicorn in a thread on 127.0.0.1; stopped (gracefully) after the module's tests."""
+    limits = Limits(max_batch=16, max_wait_ms=5, max_request_sentences=8, max_chars=100, max_queue=200)
+    port = _free_port()
+    config = uvicorn.Config(create_app(translator, limits, "onnxruntime"), host="127.0.0.1", port=port,
+                            log_level="warning", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+
+
+def test_concurrent_requests_get_the_same_answers_as_nmt_translate(server, translator, toy_corpus):
+    lines = (toy_corpus / "test.src").read_text().splitlines()[:50]
+    expected = {line: n[0].text for line, n in zip(lines, translator.translate(lines, beam_size=1))}
+    requests = [[lines[(i * 3 + j) % len(lines)] for j in range(1 + i % 3)] for i in range(REQUESTS)]
+
+    async def client(worker: int, http: httpx.AsyncClient) -> list[tuple[list[str], dict]]:
+        answers = []
+        for texts in requests[worker::CLIENTS]:
+            response = await http.post("/translate", json={"text": texts, "beam_size": 1})
+            assert response.status_code == 200, response.text
+            answers.append((texts, response.json()))
+        return answers
+
+    async def load() -> list[tuple[list[str], dict]]:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as http:
+            results = await asyncio.gather(*(client(w, http) for w in range(CLIENTS)))
+        return [answer for worker in results for answer in worker]
+
+    start = time.monotonic()
+    answers = asyncio.run(asyncio.wait_for(load(), timeout=120))
+    assert len(answers) == REQUESTS and time.monotonic() - start < 120
+    for texts, body in answers:
+        assert body["translations"] == [expected[t] for t in texts]
+
+
+def test_beam_requests_match_the_translator(server, translator):
+    texts = ["a b c d", "l k j", ""]
+    response = httpx.post(f"{server}/translate", json={"text": texts, "beam_size": 5}, timeout=30)
+    assert response.status_code == 200
+    assert response.json()["translations"] == [n[0].text for n in translator.translate(texts, beam_size=5)]
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"{not json", 400),
+    (b'["a"]', 422),
+    (b'{"text": "a b c"}', 422),
+    (b'{"text": [1, 2]}', 422),
+    (b'{"text": []}', 422),
+    (b'{"text": ["a"], "beam_size": "5"}', 422),
+    (b'{"text": ["a"], "beam_size": 0}', 422),
+    (b'{"text": ["a"], "extra": 1}', 422),
+    (b'{"text": ["' + b"a " * 60 + b'"]}', 413),
+    (b'{"text": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}', 413),
+])
+def test_bad_requests_get_4xx_with_a_json_error(server, body, status):
+    response = httpx.post(f"{server}/translate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert isinstance(response.json()["error"], str)
+
+
+def test_health_and_metrics(server):
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    httpx.post(f"{server}/translate", json={"text": ["a b"]}, timeout=30)
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'nmt_requests_total{status="200"}' in metrics and "nmt_request_seconds_bucket" in metrics
+    assert "nmt_batch_sentences_count" in metrics
+
+
+def test_queue_limit_refuses_with_503(translator):
+    limits = Limits(max_queue=4)
+    with pytest.raises(RequestError) as err:
+        parse_request(b'{"text": ["a"], "beam_size": 99}', limits)
+    assert err.value.status == 422
+
+    async def overflow() -> tuple[int, list[str]]:
+        from serving.server import Batcher, Metrics
+
+        batcher = Batcher(translator, Limits(max_queue=4, max_wait_ms=50), Metrics())
+        batcher.start()
+        first = batcher.submit(["a b", "c d", "e f"], None)
+        try:
+            batcher.submit(["g h", "i j"], None)
+        except RequestError as refused:
+            status = refused.status
+        result = await first
+        await batcher.drain()
+        return status, result
+
+    status, result = asyncio.run(overflow())
+    assert status == 503 and result == ["b a", "d c", "f e"]
