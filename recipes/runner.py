@@ -1,5 +1,6 @@
 """runner.py — the stage runner behind `nmt recipe`: prepare → vocab → teacher → evaluate_teacher → distill →
-student → evaluate_student → export → engines → translate_sample, each a small function registered in STAGES.
+student → evaluate_student → [baseline → evaluate_baseline] → export → engines → translate_sample, each a small
+function registered in STAGES.
 
 A stage records the fingerprint of its inputs (config sections, upstream outputs' sizes and mtimes) in
 RUN_DIR/state.json and is skipped while current, so a rerun after a kill resumes (training from last.pt). Stages
@@ -28,6 +29,7 @@ from nmt.config import Config, config_from_dict, read_yaml
 from nmt.errors import NMTError
 
 SPLITS = ("train", "dev", "test")
+ROLES = ("teacher", "student", "baseline")  # the models a recipe may train
 EVAL_BEAM = 5
 SAMPLE_LINES = 5  # test sentences translated by translate_sample when the recipe lists none
 CORPUS_KINDS = ("bible", "hub", "files")
@@ -84,16 +86,18 @@ class Recipe:
     evaluate: EvaluateSection
     export: ExportSection
     sample: tuple[str, ...]
+    baseline: bool = False  # also train the student on the original corpus, to measure what distillation adds
 
     def sections(self, role: str) -> dict[str, dict[str, Any]]:
-        """A model's config sections; the student's are the teacher's updated key by key with its own."""
+        """A model's config sections; the student's (and its baseline's) are the teacher's updated key by key."""
         if role == "teacher" or self.student is None:
             return self.teacher
         names = set(self.teacher) | set(self.student)
         return {name: {**self.teacher.get(name, {}), **self.student.get(name, {})} for name in names}
 
 
-RECIPE_KEYS = ("description", "run_dir", "corpus", "teacher", "student", "distill", "evaluate", "export", "sample")
+RECIPE_KEYS = ("description", "run_dir", "corpus", "teacher", "student", "distill", "evaluate", "export", "sample",
+               "baseline")
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -158,6 +162,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise NMTError(f"{path.name}: run_dir: needed (a folder for the corpus, models and results)")
     if "teacher" not in values:
         raise NMTError(f"{path.name}: teacher: needed (the teacher's vocab/model/train/decode sections)")
+    if not isinstance(values.get("baseline", False), bool):
+        raise NMTError(f"{path.name}: baseline: must be true or false")
     sample = values.get("sample") or []
     if not isinstance(sample, list) or not all(isinstance(line, str) for line in sample):
         raise NMTError(f"{path.name}: sample: must be a list of sentences")
@@ -171,7 +177,7 @@ def load_recipe(path: str | Path) -> Recipe:
         student=_model_sections(values["student"], "student") if values.get("student") is not None else None,
         distill=_mapping(values.get("distill"), "distill"), evaluate=_section(EvaluateSection, values.get("evaluate"),
                                                                              "evaluate"),
-        export=export, sample=tuple(sample),
+        export=export, sample=tuple(sample), baseline=values.get("baseline", False),
     )
     run = RecipeRun(recipe)
     for role in ("teacher", "student") if recipe.student is not None else ("teacher",):
@@ -277,13 +283,15 @@ class RecipeRun:
     def config(self, role: str) -> Config:
         """The `nmt train` config of the teacher or the student, with the corpus and output folder filled in."""
         if role not in self._configs:
-            sections = {name: dict(body) for name, body in self.recipe.sections(role).items()}
+            sections = {name: dict(body) for name, body in self.recipe.sections(
+                "student" if role == "baseline" else role).items()}
             sections["data"] = {**sections.get("data", {}), **{
                 split: {"src": str(self.corpus_file(split, 0)), "tgt": str(self.corpus_file(split, 1))}
                 for split in SPLITS}}
             sections["train"] = {**sections.get("train", {}), "out_dir": str(self.model_dir(role))}
-            if role == "student":
+            if role in ("student", "baseline"):
                 sections["vocab"] = self.recipe.teacher.get("vocab", {})
+            if role == "student":
                 sections["distill"] = {**self.recipe.distill, "teacher": str(self.model_dir("teacher"))}
             self._configs[role] = config_from_dict(sections, self.recipe.path.parent, check_files=False)
         return self._configs[role]
@@ -394,14 +402,18 @@ class RecipeRun:
         _write_json(self.dir / "eval" / f"{role}.json", result)
         return result
 
+    def trains(self, role: str) -> bool:
+        """Whether the recipe has this model: always a teacher; a student, and its baseline, when asked for."""
+        return role == "teacher" or (self.recipe.student is not None and (role == "student" or self.recipe.baseline))
+
     def evaluation_inputs(self, role: str) -> Any:
-        if role == "student" and self.recipe.student is None:
+        if not self.trains(role):
             return None
         config = self.config(role)
         return [dataclasses.asdict(config.decode), config.train.device, dataclasses.asdict(self.recipe.evaluate)]
 
     def training_inputs(self, role: str) -> Any:
-        if role == "student" and self.recipe.student is None:
+        if not self.trains(role):
             return None
         values = self.config(role).to_dict()
         del values["decode"]  # decoding settings do not change a trained model
@@ -554,6 +566,23 @@ def evaluate_student(run: RecipeRun) -> dict[str, Any]:
     return run.evaluate("student", (EVAL_BEAM, 1))
 
 
+@stage("baseline", needs=("prepare", "vocab"), inputs=lambda run: run.training_inputs("baseline"),
+       outputs=lambda run: [run.checkpoint("baseline")] if run.trains("baseline") else [])
+def baseline(run: RecipeRun) -> dict[str, Any]:
+    """The student's model trained on the original corpus: the comparison that shows what distillation adds."""
+    if not run.trains("baseline"):
+        raise Skip("the recipe asks for no baseline student")
+    return run.train("baseline")
+
+
+@stage("evaluate_baseline", needs=("prepare", "baseline"), inputs=lambda run: run.evaluation_inputs("baseline"),
+       outputs=lambda run: [run.dir / "eval" / "baseline.json"] if run.status("baseline") == "done" else [])
+def evaluate_baseline(run: RecipeRun) -> dict[str, Any]:
+    if run.status("baseline") != "done":
+        raise Skip("no baseline student was trained")
+    return run.evaluate("baseline", (EVAL_BEAM, 1))
+
+
 @stage("export", needs=("teacher", "student"), inputs=lambda run: dataclasses.asdict(run.recipe.export),
        outputs=lambda run: [run.dir / "export"])
 def export(run: RecipeRun) -> dict[str, Any]:
@@ -623,7 +652,7 @@ def plot_curves(run: RecipeRun, path: Path) -> Path | None:
     """Train loss and validation BLEU against step for each trained model, as a PNG (Agg, no display)."""
     from matplotlib.figure import Figure
 
-    series = {role: read_metrics(run.model_dir(role) / "metrics.jsonl") for role in ("teacher", "student")}
+    series = {role: read_metrics(run.model_dir(role) / "metrics.jsonl") for role in ROLES}
     series = {role: rows for role, rows in series.items() if rows}
     if not series:
         return None
@@ -647,7 +676,7 @@ def plot_curves(run: RecipeRun, path: Path) -> Path | None:
 
 def summarize(run: RecipeRun) -> dict[str, Any]:
     """summary.json, summary.md and training_curves.png in the run folder; the markdown is printed too."""
-    models = {role: run.result(f"evaluate_{role}") for role in ("teacher", "student")}
+    models = {role: run.result(f"evaluate_{role}") for role in ROLES}
     exported = {name: run.result(name) for name in ("export", "engines")}
     plot = plot_curves(run, run.dir / "training_curves.png")
     summary = {

@@ -92,6 +92,7 @@ def test_first_run_runs_every_stage_and_skips_unbuilt_features(finished_run):
     assert "nmt.distill" in state["distill"]["message"]
     assert "serving.export" in state["export"]["message"]
     assert state["engines"]["status"] == "skipped"
+    assert state["baseline"]["status"] == state["evaluate_baseline"]["status"] == "skipped"
     assert state["student"]["result"]["distilled"] is False
     assert sorted(p.name for p in (finished_run / "run" / "vocab").iterdir()) == ["spm.model"]
 
@@ -119,10 +120,26 @@ def test_rerun_skips_every_current_stage(run_copy, monkeypatch, capsys):
     before = state_of(run_copy)
     run_recipe(run_copy / "recipe.yaml")
     said = stage_lines(capsys.readouterr().err)
-    unbuilt = {"distill", "export", "engines"}  # skipped stages check again each time, cheaply
+    unbuilt = {"distill", "export", "engines", "baseline", "evaluate_baseline"}  # skipped ones check again, cheaply
     assert {name for name, what in said.items() if what == "current, skipped"} == set(STAGES) - unbuilt
     after = state_of(run_copy)
     assert all(after[name]["fingerprint"] == before[name]["fingerprint"] for name in STAGES)
+
+
+def test_baseline_student_is_trained_on_the_original_corpus_and_reported(run_copy, toy_corpus, capsys):
+    values = recipe_values(toy_corpus)
+    values["baseline"] = True
+    write_recipe(run_copy, values)
+    run_recipe(run_copy / "recipe.yaml")
+    said = stage_lines(capsys.readouterr().err)
+    assert said["baseline"] == said["evaluate_baseline"] == "running"
+    assert said["teacher"] == said["student"] == "current, skipped"
+    run = run_copy / "run"
+    baseline = json.loads((run / "summary.json").read_text())["models"]["baseline"]
+    assert set(baseline["decodes"]) == {"beam5", "beam1"}
+    assert baseline["parameters"] == json.loads((run / "summary.json").read_text())["models"]["student"]["parameters"]
+    assert (run / "baseline" / "checkpoints" / "best.pt").is_file()
+    assert "| baseline | greedy |" in (run / "summary.md").read_text()
 
 
 def test_changed_student_config_reruns_only_affected_stages(run_copy, toy_corpus, capsys):
@@ -204,7 +221,8 @@ def test_built_distillation_and_export_are_called(run_copy, toy_corpus, monkeypa
     capsys.readouterr()
     run_recipe(run_copy / "recipe.yaml")
     said = stage_lines(capsys.readouterr().err)
-    assert {name for name, what in said.items() if what != "current, skipped"} == {"engines"}
+    assert {name for name, what in said.items() if what != "current, skipped"} == {"engines", "baseline",
+                                                                                 "evaluate_baseline"}
     assert len(calls) == 3
 
 
@@ -223,4 +241,4 @@ def test_recipe_mistakes_are_one_line_errors(toy_corpus, tmp_path):
         load_recipe(write_recipe(tmp_path, values))
     with pytest.raises(NMTError, match="--from bake: unknown stage"):
         select_stages("bake", None)
-    assert select_stages("student", "export") == ["student", "evaluate_student", "export"]
+    assert select_stages("student", "export") == ["student", "evaluate_student", "baseline", "evaluate_baseline", "export"]

@@ -135,3 +135,25 @@ def test_queue_limit_refuses_with_503(translator):
 
     status, result = asyncio.run(overflow())
     assert status == 503 and result == ["b a", "d c", "f e"]
+
+
+def test_shutdown_finishes_requests_in_flight(translator):
+    limits = Limits(max_wait_ms=400)  # the request is still waiting for its batch when shutdown begins
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(translator, limits), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    answer: dict = {}
+    client = threading.Thread(target=lambda: answer.update(response=httpx.post(
+        f"http://127.0.0.1:{port}/translate", json={"text": ["a b c"]}, timeout=30)))
+    client.start()
+    time.sleep(0.15)
+    server.should_exit = True
+    client.join(timeout=30)
+    thread.join(timeout=30)
+    assert answer["response"].status_code == 200 and answer["response"].json() == {"translations": ["c b a"]}
+    assert not thread.is_alive()
