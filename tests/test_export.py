@@ -15,8 +15,18 @@ from nmt.checkpoint import load_model
 from nmt.config import ModelConfig
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
-from serving.export import (OPSET, example_inputs, export_graphs, gemm_to_matmul, graph_file, io_names,
-                            output_shapes, read_model_json, run_export, verify_graphs)
+from serving.export import (
+    OPSET,
+    example_inputs,
+    export_graphs,
+    gemm_to_matmul,
+    graph_file,
+    io_names,
+    output_shapes,
+    read_model_json,
+    run_export,
+    verify_graphs,
+)
 from tests.conftest import tiny_random_model
 
 
@@ -68,15 +78,16 @@ def test_int8_graphs_hold_quantized_matmuls(exported):
 
 
 @pytest.mark.parametrize("model_kwargs", [{}, {"rnn_type": "lstm", "decoder_layers": 2, "encoder_layers": 2},
-                                          {"tie_embeddings": True}])
+                                          {"tie_embeddings": True}, {"dropout": 0.3}])
 def test_graphs_match_torch_at_untraced_batch_length_and_beam(tmp_path, model_kwargs):
     model = tiny_random_model(vocab_size=13, **model_kwargs)
     export_graphs(model, tmp_path)
+    assert not model.training  # exporting leaves dropout off
     assert verify_graphs(model, tmp_path) < 1e-4
     info = {"decoder_layers": model.config.decoder_layers, "decoder_hidden": model.config.decoder_hidden,
             "memory_size": model.encoder.output_size, "attention_dim": model.config.attention_dim,
             "att_vec_size": model.decoder.att_size, "tgt_vocab_size": 13, **io_names(model.lstm)}
-    encoder_args, step_args = example_inputs(model, batch=4, steps=9, beam=2)
+    _, step_args = example_inputs(model, batch=4, steps=9, beam=2)
     session = ort.InferenceSession(str(tmp_path / "decoder_step.onnx"))
     outputs = session.run(None, {n: a.numpy() for n, a in zip(info["step_inputs"], step_args)})
     expected = output_shapes(info, "decoder_step", 4, 9, 8)

@@ -12,8 +12,15 @@ import torch
 from nmt.cli import main
 from nmt.errors import NMTError
 from serving.export import io_names, output_shapes
-from serving.tensorrt_backend import (EngineLimits, network_flags, plan_path, profile_shapes, require_tensorrt,
-                                      safe_name, torch_dtype)
+from serving.tensorrt_backend import (
+    EngineLimits,
+    network_flags,
+    plan_path,
+    profile_shapes,
+    require_tensorrt,
+    safe_name,
+    torch_dtype,
+)
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 INFO = {"decoder_layers": 2, "decoder_hidden": 64, "memory_size": 128, "attention_dim": 32, "att_vec_size": 64,

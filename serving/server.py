@@ -1,0 +1,254 @@
+"""server.py — `nmt serve`: an HTTP translation server (FastAPI + uvicorn) over any backend's `Translator`.
+
+Requests are queued and decoded together (dynamic batching up to `max_batch` sentences or `max_wait_ms`), in one
+inference thread; limits on request size, sentence length and queue depth answer with a JSON error, never a
+crash; `/health`, Prometheus `/metrics`; shutdown finishes the requests in flight. No model or search code here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from nmt.errors import NMTError
+from nmt.translate import Translator
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int = 32  # sentences decoded together
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
+    max_request_sentences: int = 64
+    max_chars: int = 2000  # longest sentence accepted
+    max_queue: int = 256  # sentences admitted (waiting or decoding) before 503
+    max_beam: int = 32
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Job:
+    lines: list[str]
+    beam_size: int | None
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (several apps may live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("nmt_requests", "HTTP translation requests by status", ["status"],
+                                registry=self.registry)
+        self.sentences = Counter("nmt_sentences", "sentences translated", registry=self.registry)
+        self.latency = Histogram("nmt_request_seconds", "request latency (queue + decoding)", registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.batch = Histogram("nmt_batch_sentences", "sentences per decoding batch", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.queue = Gauge("nmt_queue_sentences", "sentences admitted and not yet answered", registry=self.registry)
+
+
+def parse_request(body: bytes, limits: Limits) -> tuple[list[str], int | None]:
+    """The request's sentences and beam size, or RequestError: 400 bad JSON, 422 bad fields, 413 too large."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError(400, "request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise RequestError(422, 'expected a JSON object {"text": [...], "beam_size": K}')
+    unknown = set(payload) - {"text", "beam_size"}
+    if unknown:
+        raise RequestError(422, f"unknown field(s): {', '.join(sorted(unknown))} (valid: text, beam_size)")
+    text, beam = payload.get("text"), payload.get("beam_size")
+    if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+        raise RequestError(422, '"text" must be a list of strings')
+    if not text:
+        raise RequestError(422, '"text" must hold at least one sentence')
+    if beam is not None and (not isinstance(beam, int) or isinstance(beam, bool) or not 1 <= beam <= limits.max_beam):
+        raise RequestError(422, f'"beam_size" must be an integer from 1 to {limits.max_beam}')
+    if len(text) > limits.max_request_sentences:
+        raise RequestError(413, f"{len(text)} sentences in one request; at most {limits.max_request_sentences}")
+    longest = max(len(t) for t in text)
+    if longest > limits.max_chars:
+        raise RequestError(413, f"a sentence has {longest} characters; at most {limits.max_chars}")
+    return text, beam
+
+
+class Batcher:
+    """Admits jobs, groups queued jobs into batches, decodes them in one inference thread, answers each job."""
+
+    def __init__(self, translator: Translator, limits: Limits, metrics: Metrics) -> None:
+        self.translator, self.limits, self.metrics = translator, limits, metrics
+        self.waiting: deque[Job] = deque()
+        self.wakeup = asyncio.Event()
+        self.pending = 0  # sentences admitted and not yet answered
+        self.closing = False
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmt-decode")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def submit(self, lines: list[str], beam_size: int | None) -> asyncio.Future:
+        if self.closing:
+            raise RequestError(503, "the server is shutting down")
+        if self.pending + len(lines) > self.limits.max_queue:
+            raise RequestError(503, f"queue full ({self.pending} sentences waiting; at most {self.limits.max_queue})")
+        job = Job(lines, beam_size, asyncio.get_running_loop().create_future())
+        self.pending += len(lines)
+        self.metrics.queue.set(self.pending)
+        self.waiting.append(job)
+        self.wakeup.set()
+        return job.future
+
+    async def _next_batch(self) -> list[Job]:
+        """Wait for a job, then up to max_wait_ms for more, until max_batch sentences."""
+        while not self.waiting:
+            self.wakeup.clear()
+            await self.wakeup.wait()
+        deadline = time.perf_counter() + self.limits.max_wait_ms / 1000
+        batch = [self.waiting.popleft()]
+        size = len(batch[0].lines)
+        while size < self.limits.max_batch:
+            if self.waiting:
+                if size + len(self.waiting[0].lines) > self.limits.max_batch:
+                    break
+                job = self.waiting.popleft()
+                batch.append(job)
+                size += len(job.lines)
+                continue
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), left)
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            groups: dict[int | None, list[Job]] = {}
+            for job in batch:
+                groups.setdefault(job.beam_size, []).append(job)
+            for beam, jobs in groups.items():
+                await self._decode(jobs, beam)
+
+    async def _decode(self, jobs: list[Job], beam: int | None) -> None:
+        lines = [line for job in jobs for line in job.lines]
+        self.metrics.batch.observe(len(lines))
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.executor, self._translate, lines, beam)
+        except Exception as err:  # noqa: BLE001 — answer every job (500), keep serving
+            results, error = None, err
+        start = 0
+        for job in jobs:
+            if not job.future.done():
+                if results is None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(results[start: start + len(job.lines)])
+            start += len(job.lines)
+            self.pending -= len(job.lines)
+        self.metrics.queue.set(self.pending)
+
+    def _translate(self, lines: list[str], beam: int | None) -> list[str]:
+        return [nbest[0].text for nbest in self.translator.translate(lines, beam_size=beam, nbest=1)]
+
+    async def drain(self) -> None:
+        """Refuse new jobs, let admitted ones finish, then stop the worker and the inference thread."""
+        self.closing = True
+        while self.pending:
+            await asyncio.sleep(0.01)
+        if self.task is not None:
+            self.task.cancel()
+        self.executor.shutdown(wait=True)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(translator: Translator, limits: Limits | None = None, backend: str = "") -> FastAPI:
+    """The FastAPI app: POST /translate, GET /health, GET /metrics; batching starts with the app's lifespan."""
+    limits = limits or Limits()
+    metrics = Metrics()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["batcher"] = Batcher(translator, limits, metrics)
+        state["batcher"].start()
+        yield
+        await state["batcher"].drain()
+
+    app = FastAPI(title="nmt", lifespan=lifespan)
+
+    @app.post("/translate")
+    async def translate(request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            lines, beam = parse_request(await request.body(), limits)
+            translations = await state["batcher"].submit(lines, beam)
+        except RequestError as err:
+            metrics.requests.labels(str(err.status)).inc()
+            return _error(err.status, str(err))
+        except NMTError as err:
+            metrics.requests.labels("400").inc()
+            return _error(400, str(err))
+        except Exception as err:  # noqa: BLE001 — a bug in decoding: answer 500, keep serving
+            metrics.requests.labels("500").inc()
+            return _error(500, f"translation failed: {type(err).__name__}: {err}")
+        metrics.requests.labels("200").inc()
+        metrics.sentences.inc(len(lines))
+        metrics.latency.observe(time.perf_counter() - start)
+        return JSONResponse({"translations": translations})
+
+    @app.get("/health")
+    async def health() -> Response:
+        batcher = state.get("batcher")
+        if batcher is None or batcher.closing:
+            return _error(503, "not serving")
+        return JSONResponse({"status": "ok", "backend": backend, "queued_sentences": batcher.pending})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run_serve(model: str, backend: str = "onnxruntime", device: str = "cpu", host: str = "127.0.0.1",
+              port: int = 8000, max_batch: int = 32, max_wait_ms: float = 10.0, max_request_sentences: int = 64,
+              max_chars: int = 2000, max_queue: int = 256) -> None:
+    """`nmt serve`: load the model on the backend, serve until SIGINT/SIGTERM, finishing requests in flight."""
+    import uvicorn
+
+    from nmt.cli import open_translator
+
+    if max_wait_ms < 0:
+        raise NMTError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
+    translator = open_translator(model, backend, device)
+    limits = Limits(max_batch, max_wait_ms, max_request_sentences, max_chars, max_queue)
+    app = create_app(translator, limits, backend)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
