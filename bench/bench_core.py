@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from nmt.checkpoint import load_model
 from nmt.config import config_from_dict
 from nmt.train import Trainer
 from nmt.translate import Translator
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed training steps (after 3 warm-up steps)")
     parser.add_argument("--batch-tokens", type=int, default=3000)
     parser.add_argument("--sentences", type=int, default=300, help="test sentences decoded")
+    parser.add_argument("--model", help="decode with this trained run/checkpoint (same vocabulary) instead of the "
+                                        "untrained model, whose outputs run to the maximum length")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_core_"))
@@ -72,9 +75,11 @@ def main() -> None:
         tokens += trainer.step(trainer.train_data.batch(indices))[1]
     train_seconds = time.perf_counter() - began
 
-    trainer.model.eval()
+    model, vocab = trainer.model.eval(), trainer.vocab
+    if args.model:
+        model, vocab, _ = load_model(args.model)
     sources = Path(split["test"]["src"]).read_text().splitlines()[: args.sentences]
-    translator = Translator(trainer.model, trainer.vocab, config.decode)
+    translator = Translator(model, vocab, config.decode)
     speeds = {}
     for beam in (1, 5):
         began = time.perf_counter()
@@ -82,6 +87,7 @@ def main() -> None:
         speeds[f"beam{beam}_sentences_per_s"] = round(len(sources) / (time.perf_counter() - began), 1)
     print(json.dumps({
         "size": args.size, "parameters": trainer.model.parameter_count(), "vocab": trainer.vocab.tgt_size,
+        "decoded_with": args.model or "the untrained model",
         "corpus": args.corpus or "synthetic", "threads": torch.get_num_threads(),
         "train_target_tokens_per_s": round(tokens / train_seconds), "train_steps_timed": len(batches) - 3,
         **speeds, "sentences_decoded": len(sources),

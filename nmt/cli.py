@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
     p.add_argument("--max-request-sentences", type=_positive, default=64)
     p.add_argument("--max-chars", type=_positive, default=2000, help="longest sentence accepted")
-    p.add_argument("--max-queue", type=_positive, default=256, help="sentences waiting before 503")
+    p.add_argument("--max-queue", type=_positive, default=256, help="sentences queued before 429 Too Many Requests")
 
     p = sub.add_parser("recipe", help="run a recipe's stages end to end (resumable)")
     p.add_argument("recipe")

@@ -1,9 +1,8 @@
 """server.py — `nmt serve`: an HTTP translation server (FastAPI + uvicorn) over any backend's `Translator`.
 
 Requests are queued and decoded together (dynamic batching up to `max_batch` sentences or `max_wait_ms`), in one
-inference thread; limits on request size, sentence length and queue depth answer with a JSON error, never a
-crash; `/health`, Prometheus `/metrics`; shutdown finishes the requests in flight. No model or search code here.
-"""
+inference thread. Oversize requests and sentences get 413, a full queue 429, shutdown 503, all with a JSON error,
+never a crash; `/health`, Prometheus `/metrics`; shutdown finishes the requests in flight. No model or search here."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ class Limits:
     max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
     max_request_sentences: int = 64
     max_chars: int = 2000  # longest sentence accepted
-    max_queue: int = 256  # sentences admitted (waiting or decoding) before 503
+    max_queue: int = 256  # sentences admitted (waiting or decoding) before 429
     max_beam: int = 32
 
 
@@ -110,7 +109,7 @@ class Batcher:
         if self.closing:
             raise RequestError(503, "the server is shutting down")
         if self.pending + len(lines) > self.limits.max_queue:
-            raise RequestError(503, f"queue full ({self.pending} sentences waiting; at most {self.limits.max_queue})")
+            raise RequestError(429, f"queue full ({self.pending} sentences waiting; at most {self.limits.max_queue})")
         job = Job(lines, beam_size, asyncio.get_running_loop().create_future())
         self.pending += len(lines)
         self.metrics.queue.set(self.pending)

@@ -113,7 +113,7 @@ def test_health_and_metrics(server):
     assert "nmt_batch_sentences_count" in metrics
 
 
-def test_queue_limit_refuses_with_503(translator):
+def test_full_queue_refuses_with_429(translator):
     limits = Limits(max_queue=4)
     with pytest.raises(RequestError) as err:
         parse_request(b'{"text": ["a"], "beam_size": 99}', limits)
@@ -134,7 +134,7 @@ def test_queue_limit_refuses_with_503(translator):
         return status, result
 
     status, result = asyncio.run(overflow())
-    assert status == 503 and result == ["b a", "d c", "f e"]
+    assert status == 429 and result == ["b a", "d c", "f e"]
 
 
 def test_shutdown_finishes_requests_in_flight(translator):
