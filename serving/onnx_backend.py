@@ -54,6 +54,9 @@ class OnnxRuntimeStep:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # The search runs torch ops between graph calls; ORT's pool spinning meanwhile steals the cores from them
+        # (measured on 2 threads: greedy 3.1x, beam 5 2.4x faster without spinning).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         providers = providers_for(device, ort.get_available_providers())
         self.sessions = {}

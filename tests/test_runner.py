@@ -242,3 +242,11 @@ def test_recipe_mistakes_are_one_line_errors(toy_corpus, tmp_path):
     with pytest.raises(NMTError, match="--from bake: unknown stage"):
         select_stages("bake", None)
     assert select_stages("student", "export") == ["student", "evaluate_student", "baseline", "evaluate_baseline", "export"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.teacher["model"] and recipe.student is not None
+    assert recipe.corpus.kind in ("bible", "hub")
