@@ -45,7 +45,7 @@ def toy_config(corpus: Path, out_dir: Path, **sections) -> Config:
                  "test": {"src": str(corpus / "test.src"), "tgt": str(corpus / "test.tgt")}},
         "vocab": {"size": 20},
         "model": dict(TINY_MODEL),
-        "train": {"out_dir": str(out_dir), "batch_tokens": 1000, "lr": 0.004, "max_epochs": 30, "max_steps": 500,
+        "train": {"out_dir": str(out_dir), "batch_tokens": 1000, "lr": 0.003, "max_epochs": 30, "max_steps": 500,
                   "valid_every": 100, "patience": 5, "label_smoothing": 0.0, "progress": False, "seed": 1},
         "decode": {"beam_size": 5, "batch_size": 50},
     }
