@@ -8,6 +8,7 @@ needs them, so `nmt train` never loads ONNX or a web framework. A user's mistake
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -23,8 +24,6 @@ class _Parser(argparse.ArgumentParser):
 
 def open_translator(model: str, backend: str = "torch", device: str = "cpu", **decode_overrides):
     """A Translator over the chosen backend: a run folder / checkpoint for torch, an export folder otherwise."""
-    import dataclasses
-
     from nmt.translate import Translator
 
     if backend == "torch":

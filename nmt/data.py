@@ -113,7 +113,8 @@ def _load_hub(spec: CorpusSpec) -> datasets.Dataset:
             lambda b: {"src": [p[langs[0]] or "" for p in b["translation"]],
                        "tgt": [p[langs[1]] or "" for p in b["translation"]]},
             batched=True, remove_columns=table.column_names)
-    columns = (spec.src_lang, spec.tgt_lang) if spec.src_lang in table.column_names else (spec.src_column, spec.tgt_column)
+    by_language = spec.src_lang in table.column_names
+    columns = (spec.src_lang, spec.tgt_lang) if by_language else (spec.src_column, spec.tgt_column)
     return _select_columns(table, *columns, spec.describe())
 
 
@@ -163,7 +164,8 @@ def filter_for_training(table: datasets.Dataset, config: DataConfig) -> datasets
                         new_fingerprint=_fingerprint(table._fingerprint, str((lo, hi, ratio)), "filter-v1"))
 
 
-def pad(sequences: list[list[int]], prefix: int | None = None, suffix: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(sequences: list[list[int]], prefix: int | None = None,
+        suffix: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad id lists (optionally wrapped in bos/eos) into a [B, L] tensor; returns it and the lengths [B]."""
     pre = [prefix] if prefix is not None else []
     post = [suffix] if suffix is not None else []

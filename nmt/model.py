@@ -53,7 +53,8 @@ class Seq2Seq(nn.Module):
 
     # --- encoding -------------------------------------------------------------------------------------------
 
-    def encode_tensors(self, src: torch.Tensor, src_lengths: torch.Tensor, packed: bool = True) -> tuple[torch.Tensor, ...]:
+    def encode_tensors(self, src: torch.Tensor, src_lengths: torch.Tensor,
+                       packed: bool = True) -> tuple[torch.Tensor, ...]:
         """src [B, S], src_lengths [B] → memory [B, S, M], keys [B, S, A], src_mask [B, S], hidden [B, L, H],
         att_vec [B, A'] (and cell [B, L, H] for LSTMs): the initial decoder state. `packed=False` is the
         padded-tensor form the ONNX export traces (same results)."""

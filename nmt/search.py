@@ -117,10 +117,10 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
 
     At each step the 2K best continuations of a sentence are taken; an eos among its K best closes a
     hypothesis, the K best others continue. The greedy path is never pruned: when its next step falls out of
-    the K best it takes the last slot, so beam search never ends below greedy search's score. A sentence is done when its nbest-th finished hypothesis scores
-    at least the best live beam would if it ended now: exact without length penalty (scores only fall), the
-    usual heuristic with it; at the maximum length eos is forced. Returns the `nbest` best finished
-    hypotheses of each sentence, ranked by score / length penalty.
+    the K best it takes the last slot, so beam search never ends below greedy search's score. A sentence is
+    done when its nbest-th finished hypothesis scores at least the best live beam would if it ended now:
+    exact without length penalty (scores only fall), the usual heuristic with it; at the maximum length eos
+    is forced. Returns the `nbest` best finished hypotheses of each sentence, ranked by score / length penalty.
     """
     batch, k, device = src.size(0), beam_size, src.device
     max_lens = max_output_lengths(src_lengths, max_len_ratio)
@@ -157,7 +157,8 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
         closing[:, k:] = False
         listed = (closing & (origin == greedy_beam.unsqueeze(1))).any(dim=1)
         ends = [(s, int(origin[s, c]), float(top_scores[s, c])) for s, c in closing.nonzero().tolist()]
-        ends += [(s, int(greedy_beam[s]), float(greedy_score[s])) for s in (greedy_ends & ~listed).nonzero().view(-1).tolist()]
+        ends += [(s, int(greedy_beam[s]), float(greedy_score[s]))
+                 for s in (greedy_ends & ~listed).nonzero().view(-1).tolist()]
         for s, beam, score in ends:
             tokens = history[s * k + beam].tolist()
             finished[int(active[s])].append(Hypothesis(tokens, score, score / length_penalty(len(tokens) + 1, alpha)))

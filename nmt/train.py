@@ -78,7 +78,8 @@ class Progress:
     bad_validations: int = 0
 
 
-def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_loss(logits: torch.Tensor, target: torch.Tensor,
+                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label-smoothed cross-entropy and summed NLL over non-pad targets. logits [B, T, V], target [B, T]."""
     flat_logits, flat_target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)
     loss = nn.functional.cross_entropy(flat_logits, flat_target, ignore_index=PAD_ID,
@@ -145,7 +146,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.schedule = LRSchedule(self.cfg.lr, self.cfg.warmup_steps, self.cfg.lr_decay, self.cfg.lr_patience)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp or "")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
+        fp16_on_cuda = self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16_on_cuda)  # bf16 needs no loss scaling
         self.progress = Progress()
         if resume:
             self._resume(last)
@@ -154,7 +156,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._stop_signal: int | None = None
-        self.log(f"model: {self.model.parameter_count():,} parameters; vocab {self.vocab.src_size}/{self.vocab.tgt_size}; "
+        self.log(f"model: {self.model.parameter_count():,} parameters; "
+                 f"vocab {self.vocab.src_size}/{self.vocab.tgt_size}; "
                  f"{len(self.train_data):,} training pairs; device {self.device}; world size {self.world}")
 
     # --- setup ----------------------------------------------------------------------------------------------

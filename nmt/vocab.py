@@ -88,7 +88,7 @@ class Vocab:
 
     @classmethod
     def from_state(cls, state: dict) -> Vocab:
-        if not isinstance(state, dict) or not isinstance(state.get("src"), bytes) or not isinstance(state.get("tgt"), bytes):
+        if not isinstance(state, dict) or not all(isinstance(state.get(side), bytes) for side in ("src", "tgt")):
             raise NMTError("checkpoint has no valid vocabulary")
         return cls(state["src"], state["tgt"])
 
