@@ -84,12 +84,12 @@ def test_killed_training_resumes_from_its_last_checkpoint_and_finishes(toy_corpu
     proc.wait(timeout=30)
     killed_at = load_checkpoint(last)["progress"]["step"]  # loadable: written atomically
     assert 10 <= killed_at < 400
-    assert not list(last.parent.glob("*.tmp"))
     finish = subprocess.run([sys.executable, "-m", "nmt.cli", "train", str(config), "--resume",
                              "--set", "train.max_steps=" + str(killed_at + 20)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert finish.returncode == 0, finish.stderr
     assert load_checkpoint(last)["progress"]["step"] == killed_at + 20
+    assert not list(last.parent.glob("*.tmp"))  # a write cut short by the kill is cleaned up by the next one
     load_model(tmp_path / "run")
 
 
@@ -183,3 +183,15 @@ def test_ddp_under_torchrun_trains_two_processes_with_one_checkpoint(toy_corpus,
     assert result.returncode == 0, result.stderr[-2000:]
     assert "world size 2" in (tmp_path / "run/train.log").read_text()
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["progress"]["step"] == 6
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_old_file_and_is_cleaned_up_later(tmp_path):
+    from nmt.checkpoint import save_checkpoint
+
+    target = tmp_path / "last.pt"
+    save_checkpoint(target, {"config": {}, "vocab": {}, "model": {"w": torch.ones(2)}})
+    stale = tmp_path / ".last.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")  # what a SIGKILL during a write leaves behind
+    assert torch.equal(load_checkpoint(target)["model"]["w"], torch.ones(2))
+    save_checkpoint(target, {"config": {}, "vocab": {}, "model": {"w": torch.zeros(2)}})
+    assert not stale.exists() and torch.equal(load_checkpoint(target)["model"]["w"], torch.zeros(2))
