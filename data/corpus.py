@@ -6,10 +6,10 @@ making each sentence one line, no alignment, no splitting, and nothing about mod
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
+from nmt.data import write_atomic
 from nmt.errors import NMTError
 
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -40,7 +40,9 @@ def write_corpus(out_dir: str | Path, splits: dict[str, list[tuple[str, str]]], 
         for lang, side in ((src_lang, 0), (tgt_lang, 1)):
             lines = [one_line(pair[side]) for pair in pairs]
             name = f"{split}.{lang}"
-            files[name] = _write_atomically(out / name, "".join(line + "\n" for line in lines).encode("utf-8"))
+            data = "".join(line + "\n" for line in lines).encode("utf-8")
+            write_atomic(out / name, data)
+            files[name] = hashlib.sha256(data).hexdigest()
             words[split][lang] = sum(len(line.split()) for line in lines)
     manifest = {
         "version": version,
@@ -50,19 +52,8 @@ def write_corpus(out_dir: str | Path, splits: dict[str, list[tuple[str, str]]], 
         "words": words,
         "sha256": files,
     }
-    _write_atomically(out / "manifest.json", (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode())
+    write_atomic(out / "manifest.json", (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode())
     return manifest
-
-
-def _write_atomically(path: Path, data: bytes) -> str:
-    """Write `data` to `path` via a temporary file in the same folder; returns its SHA-256 in hex."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_of(path: str | Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +264,18 @@ class TrainingData:
     def batch(self, indices: list[int]) -> Batch:
         rows = self.table[indices]
         return Batch.from_ids(rows["src_ids"], rows["tgt_ids"])
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write to `.NAME.tmp` beside `path`, fsync, then rename: a kill leaves the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def read_lines(path: str | Path) -> list[str]:

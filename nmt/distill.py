@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 
 from nmt.checkpoint import load_model
 from nmt.config import Config, CorpusSpec, load_config
-from nmt.data import Batch, load_parallel
+from nmt.data import Batch, load_parallel, write_atomic
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.train import Trainer
@@ -28,13 +27,8 @@ from nmt.translate import Translator
 from nmt.vocab import PAD_ID
 
 
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as out:
-        out.writelines(line + "\n" for line in lines)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
+def _write_lines(path: Path, lines: list[str]) -> None:
+    write_atomic(path, "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def _closest_to_reference(candidates: list[str], reference: str) -> str:
@@ -66,7 +60,7 @@ def translate_shards(translator: Translator, sources: list[str], references: lis
                      for n, ref in zip(results, references[start: start + d.shard_size])]
         else:
             lines = [n[0].text for n in results]
-        _write_atomic(shard, lines)
+        _write_lines(shard, lines)
         targets.extend(lines)
         log(f"distill: shard {number} ({len(chunk)} lines) in {time.time() - began:.1f} s "
             f"({len(chunk) / max(time.time() - began, 1e-9):.1f} sentences/s)")
@@ -114,8 +108,8 @@ def run_distill(config_path: str | None = None, overrides: list[str] | tuple[str
     if d.keep_original:
         src_lines += sources
         tgt_lines += references
-    _write_atomic(folder / "train.src", [s.replace("\n", " ") for s in src_lines])
-    _write_atomic(folder / "train.tgt", tgt_lines)
+    _write_lines(folder / "train.src", [s.replace("\n", " ") for s in src_lines])
+    _write_lines(folder / "train.tgt", tgt_lines)
     summary: dict[str, Any] = {"distilled_pairs": len(src_lines), "teacher": d.teacher,
                                "translate_s": round(seconds, 1)}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))

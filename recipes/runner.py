@@ -26,6 +26,7 @@ from typing import Any
 
 
 from nmt.config import Config, config_from_dict, read_yaml
+from nmt.data import write_atomic
 from nmt.errors import NMTError
 
 SPLITS = ("train", "dev", "test")
@@ -212,10 +213,7 @@ def _plain(value: Any) -> Any:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomic(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 class Skip(Exception):
