@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16000)
     parser.add_argument("--steps", type=int, default=30, help="timed training steps (after 3 warm-up steps)")
     parser.add_argument("--batch-tokens", type=int, default=3000)
-    parser.add_argument("--sentences", type=int, default=300, help="test sentences decoded")
+    parser.add_argument("--sentences", type=int, default=300, help="test sentences decoded (0: training only)")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), help="train under autocast (bf16 uses AMX on recent Xeons)")
     parser.add_argument("--model", help="decode with this trained run/checkpoint (same vocabulary) instead of the "
                                         "untrained model, whose outputs run to the maximum length")
     args = parser.parse_args()
@@ -63,7 +64,8 @@ def main() -> None:
     config = config_from_dict({
         "data": {**split, "max_len": 100}, "vocab": {"size": args.vocab},
         "model": {**SIZES[args.size], "dropout": 0.2},
-        "train": {"out_dir": str(work / "run"), "batch_tokens": args.batch_tokens, "progress": False},
+        "train": {"out_dir": str(work / "run"), "batch_tokens": args.batch_tokens, "progress": False,
+                  "amp": args.amp or False},
         "decode": {"batch_size": 64},
     })
     trainer = Trainer(config, quiet=True)
@@ -81,7 +83,7 @@ def main() -> None:
     sources = Path(split["test"]["src"]).read_text().splitlines()[: args.sentences]
     translator = Translator(model, vocab, config.decode)
     speeds = {}
-    for beam in (1, 5):
+    for beam in (1, 5) if sources else ():
         began = time.perf_counter()
         translator.translate(sources, beam_size=beam)
         speeds[f"beam{beam}_sentences_per_s"] = round(len(sources) / (time.perf_counter() - began), 1)
@@ -89,7 +91,7 @@ def main() -> None:
         "size": args.size, "parameters": trainer.model.parameter_count(), "vocab": trainer.vocab.tgt_size,
         "decoded_with": args.model or "the untrained model",
         "corpus": args.corpus or "synthetic", "threads": torch.get_num_threads(),
-        "train_target_tokens_per_s": round(tokens / train_seconds), "train_steps_timed": len(batches) - 3,
+        "amp": args.amp, "train_target_tokens_per_s": round(tokens / train_seconds), "train_steps_timed": len(batches) - 3,
         **speeds, "sentences_decoded": len(sources),
     }, indent=2))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -109,6 +109,39 @@ def greedy_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Te
     return results  # type: ignore[return-value]  # every row ends: eos is forced at its maximum length
 
 
+class _GreedyStep(NamedTuple):
+    """Where the greedy path goes next, per live sentence [B']: from `beam` (its slot) by `token`, to `score`."""
+
+    on: torch.Tensor  # the greedy path is still live (it has not ended with eos)
+    beam: torch.Tensor
+    token: torch.Tensor
+    score: torch.Tensor
+    ends: torch.Tensor  # its next token is eos
+
+
+def _greedy_step(log_probs: torch.Tensor, scores: torch.Tensor, greedy_slot: torch.Tensor) -> _GreedyStep:
+    """The greedy path's next token: the best continuation of its own beam. log_probs [B', K, V], scores [B', K],
+    greedy_slot [B'] the greedy path's beam, -1 once it ended."""
+    sentence = torch.arange(scores.size(0), device=scores.device)
+    on, beam = greedy_slot >= 0, greedy_slot.clamp(min=0)
+    best, token = log_probs[sentence, beam].max(dim=-1)
+    return _GreedyStep(on, beam, token, scores[sentence, beam] + best, on & (token == EOS_ID))
+
+
+def _keep_greedy(greedy: _GreedyStep, origin: torch.Tensor, token: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Put the greedy path's continuation in the last of the K continuing slots [B', K] (edited in place) where it
+    fell out of the K best; returns its slot per sentence, -1 where it ended."""
+    match = (origin == greedy.beam.unsqueeze(1)) & (token == greedy.token.unsqueeze(1))  # [B', K]
+    going_on = greedy.on & ~greedy.ends
+    missing = going_on & ~match.any(dim=1)
+    last = origin.size(1) - 1
+    if missing.any():
+        origin[missing, last] = greedy.beam[missing]
+        token[missing, last] = greedy.token[missing]
+        scores[missing, last] = greedy.score[missing]
+    return torch.where(going_on, torch.where(missing, last, match.int().argmax(1)), -1)
+
+
 @torch.no_grad()
 def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor, beam_size: int = 5,
                 nbest: int = 1, alpha: float = 1.0, max_len_ratio: float = 2.0,
@@ -144,21 +177,16 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
         origin, token = top_index // vocab, top_index % vocab  # beam within the sentence, next token
         is_eos = token == EOS_ID
 
-        # The greedy path's next token: the best of its own beam's continuations.
         sentence = torch.arange(live, device=device)
-        greedy_on = greedy_slot >= 0
-        greedy_beam = greedy_slot.clamp(min=0)
-        greedy_lp, greedy_token = log_probs.view(live, k, vocab)[sentence, greedy_beam].max(dim=-1)  # [B']
-        greedy_score = scores[sentence, greedy_beam] + greedy_lp
-        greedy_ends = greedy_on & (greedy_token == EOS_ID)
+        greedy = _greedy_step(log_probs.view(live, k, vocab), scores, greedy_slot)
 
         # Close hypotheses: eos among the K best candidates with a finite score, and the greedy path's eos.
         closing = is_eos & (top_scores > -math.inf)
         closing[:, k:] = False
-        listed = (closing & (origin == greedy_beam.unsqueeze(1))).any(dim=1)
+        listed = (closing & (origin == greedy.beam.unsqueeze(1))).any(dim=1)
         ends = [(s, int(origin[s, c]), float(top_scores[s, c])) for s, c in closing.nonzero().tolist()]
-        ends += [(s, int(greedy_beam[s]), float(greedy_score[s]))
-                 for s in (greedy_ends & ~listed).nonzero().view(-1).tolist()]
+        ends += [(s, int(greedy.beam[s]), float(greedy.score[s]))
+                 for s in (greedy.ends & ~listed).nonzero().view(-1).tolist()]
         for s, beam, score in ends:
             tokens = history[s * k + beam].tolist()
             finished[int(active[s])].append(Hypothesis(tokens, score, score / length_penalty(len(tokens) + 1, alpha)))
@@ -166,13 +194,7 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
         # Continue the K best non-eos candidates, keeping the greedy path in the last slot if it fell out.
         cont_scores, cont_pos = top_scores.masked_fill(is_eos, -math.inf).topk(k, dim=-1)  # [B', K]
         cont_origin, cont_token = origin.gather(1, cont_pos), token.gather(1, cont_pos)
-        match = (cont_origin == greedy_beam.unsqueeze(1)) & (cont_token == greedy_token.unsqueeze(1))  # [B', K]
-        missing = greedy_on & ~greedy_ends & ~match.any(dim=1)
-        if missing.any():
-            cont_origin[missing, k - 1] = greedy_beam[missing]
-            cont_token[missing, k - 1] = greedy_token[missing]
-            cont_scores[missing, k - 1] = greedy_score[missing]
-        greedy_slot = torch.where(greedy_on & ~greedy_ends, torch.where(missing, k - 1, match.int().argmax(1)), -1)
+        greedy_slot = _keep_greedy(greedy, cont_origin, cont_token, cont_scores)
         rows = (sentence.unsqueeze(1) * k + cont_origin).view(-1)  # [B'*K]
         prev = cont_token.view(-1)
         history = torch.cat([history.index_select(0, rows), prev.unsqueeze(1)], dim=1)

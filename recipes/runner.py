@@ -683,6 +683,8 @@ def summarize(run: RecipeRun) -> dict[str, Any]:
         "exports": {name: {"model": r["model"], "bytes": r["bytes"]} for name, r in exported.items() if r},
         "stages": {name: {key: run.state[name].get(key) for key in ("status", "wall_s", "message")}
                    for name in STAGES if name in run.state},
+        "total_wall_s": round(sum(run.state[name].get("wall_s") or 0 for name in STAGES if name in run.state), 1),
+        "distillation": distillation_figures(models),
         "plot": plot.name if plot else None,
     }
     _write_json(run.dir / "summary.json", summary)
@@ -690,6 +692,26 @@ def summarize(run: RecipeRun) -> dict[str, Any]:
     (run.dir / "summary.md").write_text(markdown, encoding="utf-8")
     print(markdown)
     return summary
+
+
+def distillation_figures(models: dict[str, dict | None]) -> dict[str, float]:
+    """The figures sequence-level KD is judged by: the student's greedy BLEU as a share of the teacher's beam-5 BLEU,
+    its speed as a multiple of the teacher's beam 5, and the distilled student's BLEU minus its baseline's."""
+    def decode(role: str, key: str) -> dict | None:
+        return ((models.get(role) or {}).get("decodes") or {}).get(key)
+
+    teacher, student = decode("teacher", "beam5"), decode("student", "beam1")
+    figures = {}
+    if teacher and student:
+        if teacher["bleu"] > 0:
+            figures["student_greedy_bleu_share_of_teacher_beam5"] = round(student["bleu"] / teacher["bleu"], 3)
+        figures["student_greedy_speedup_over_teacher_beam5"] = round(
+            student["sentences_per_s"] / teacher["sentences_per_s"], 2)
+    for key, search in (("beam1", "greedy"), ("beam5", "beam5")):
+        distilled, baseline = decode("student", key), decode("baseline", key)
+        if distilled and baseline:
+            figures[f"student_minus_baseline_bleu_{search}"] = round(distilled["bleu"] - baseline["bleu"], 2)
+    return figures
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -702,12 +724,25 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {role} | {search} | {decode['bleu']:.2f} | {decode['chrf']:.2f} | "
                          f"{decode['sentences_per_s']:.1f} | {decode['wall_s']:.1f} | {decode['threads']} | "
                          f"{result['parameters']:,} | {result['checkpoint_bytes'] / 1e6:.1f} |")
+    figures = summary.get("distillation") or {}
+    if figures:
+        lines.append("")
+    if "student_greedy_speedup_over_teacher_beam5" in figures:
+        share = figures.get("student_greedy_bleu_share_of_teacher_beam5")
+        lines.append(f"student greedy vs teacher beam 5: "
+                     f"{'n/a' if share is None else f'{100 * share:.1f}%'} of the BLEU, "
+                     f"{figures['student_greedy_speedup_over_teacher_beam5']:.2f}x the sentences/s")
+    for search in ("greedy", "beam5"):
+        if f"student_minus_baseline_bleu_{search}" in figures:
+            lines.append(f"distilled student minus baseline, {search.replace('beam5', 'beam 5')}: "
+                         f"{figures[f'student_minus_baseline_bleu_{search}']:+.2f} BLEU")
     for name, export in summary["exports"].items():
         lines.append(f"\n{name}: {export['model']}, {export['bytes'] / 1e6:.1f} MB on disk")
     lines += ["", "| stage | status | wall s | note |", "|---|---|---:|---|"]
     for name, record in summary["stages"].items():
         wall = f"{record['wall_s']:.1f}" if record.get("wall_s") is not None else ""
         lines.append(f"| {name} | {record['status']} | {wall} | {record.get('message') or ''} |")
+    lines.append(f"| total | | {summary.get('total_wall_s', 0):.1f} | |")
     if summary["plot"]:
         lines += ["", f"![training curves]({summary['plot']})"]
     return "\n".join(lines) + "\n"

@@ -109,8 +109,12 @@ def test_summary_files_and_plot_are_written(finished_run):
     assert 0 <= teacher["decodes"]["beam5"]["bleu"] <= 100
     assert len((run / "eval" / "student.beam1.tgt").read_text().splitlines()) == 40
     assert summary["stages"]["teacher"]["wall_s"] > 0
+    assert summary["total_wall_s"] == pytest.approx(sum(s["wall_s"] or 0 for s in summary["stages"].values()), abs=1)
+    speedup = summary["distillation"]["student_greedy_speedup_over_teacher_beam5"]
+    assert speedup == pytest.approx(speed["sentences_per_s"] / teacher["decodes"]["beam5"]["sentences_per_s"], rel=0.01)
     markdown = (run / "summary.md").read_text()
     assert "| teacher | beam 5 |" in markdown and "| student | greedy |" in markdown
+    assert "student greedy vs teacher beam 5:" in markdown and "| total |" in markdown
     assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((run / "sample.txt").read_text().splitlines()) == 5
 
@@ -140,6 +144,10 @@ def test_baseline_student_is_trained_on_the_original_corpus_and_reported(run_cop
     assert baseline["parameters"] == json.loads((run / "summary.json").read_text())["models"]["student"]["parameters"]
     assert (run / "baseline" / "checkpoints" / "best.pt").is_file()
     assert "| baseline | greedy |" in (run / "summary.md").read_text()
+    figures = json.loads((run / "summary.json").read_text())["distillation"]
+    student = json.loads((run / "summary.json").read_text())["models"]["student"]
+    assert figures["student_minus_baseline_bleu_greedy"] == pytest.approx(
+        student["decodes"]["beam1"]["bleu"] - baseline["decodes"]["beam1"]["bleu"], abs=0.01)
 
 
 def test_changed_student_config_reruns_only_affected_stages(run_copy, toy_corpus, capsys):
