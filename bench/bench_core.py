@@ -91,7 +91,8 @@ def main() -> None:
         "size": args.size, "parameters": trainer.model.parameter_count(), "vocab": trainer.vocab.tgt_size,
         "decoded_with": args.model or "the untrained model",
         "corpus": args.corpus or "synthetic", "threads": torch.get_num_threads(),
-        "amp": args.amp, "train_target_tokens_per_s": round(tokens / train_seconds), "train_steps_timed": len(batches) - 3,
+        "amp": args.amp, "train_target_tokens_per_s": round(tokens / train_seconds),
+        "train_steps_timed": len(batches) - 3,
         **speeds, "sentences_decoded": len(sources),
     }, indent=2))
 
