@@ -677,13 +677,14 @@ def summarize(run: RecipeRun) -> dict[str, Any]:
     models = {role: run.result(f"evaluate_{role}") for role in ROLES}
     exported = {name: run.result(name) for name in ("export", "engines")}
     plot = plot_curves(run, run.dir / "training_curves.png")
+    stages = {name: {key: run.state[name].get(key) for key in ("status", "wall_s", "message")}
+              for name in STAGES if name in run.state}
     summary = {
         "recipe": str(run.recipe.path), "run_dir": str(run.dir),
         "models": {role: result for role, result in models.items() if result},
         "exports": {name: {"model": r["model"], "bytes": r["bytes"]} for name, r in exported.items() if r},
-        "stages": {name: {key: run.state[name].get(key) for key in ("status", "wall_s", "message")}
-                   for name in STAGES if name in run.state},
-        "total_wall_s": round(sum(run.state[name].get("wall_s") or 0 for name in STAGES if name in run.state), 1),
+        "stages": stages,
+        "total_wall_s": round(sum(stage["wall_s"] or 0 for stage in stages.values()), 1),
         "distillation": distillation_figures(models),
         "plot": plot.name if plot else None,
     }
