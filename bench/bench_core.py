@@ -90,6 +90,7 @@ def main() -> None:
     print(json.dumps({
         "size": args.size, "parameters": trainer.model.parameter_count(), "vocab": trainer.vocab.tgt_size,
         "decoded_with": args.model or "the untrained model",
+        "decoded_parameters": model.parameter_count(), "decoded_vocab": vocab.tgt_size,
         "corpus": args.corpus or "synthetic", "threads": torch.get_num_threads(),
         "amp": args.amp, "train_target_tokens_per_s": round(tokens / train_seconds),
         "train_steps_timed": len(batches) - 3,

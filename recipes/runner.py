@@ -3,8 +3,10 @@ student → evaluate_student → [baseline → evaluate_baseline] → export →
 function registered in STAGES.
 
 A stage records the fingerprint of its inputs (config sections, upstream outputs' sizes and mtimes) in
-RUN_DIR/state.json and is skipped while current, so a rerun after a kill resumes (training from last.pt). Stages
-call library functions, never subprocesses; a feature not built or not installed here is skipped, not failed.
+RUN_DIR/state.json and is skipped while current, so a rerun after a kill resumes (training from last.pt). A
+training stage whose only change is a raised limit (train.max_steps, train.max_epochs) trains on from the
+last.pt of its finished run instead of starting over. Stages call library functions, never subprocesses; a
+feature not built or not installed here is skipped, not failed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ CORPUS_KINDS = ("bible", "hub", "files")
 MODEL_SECTIONS = {"teacher": ("data", "vocab", "model", "train", "decode"),
                   "student": ("data", "model", "train", "decode")}  # the student shares the teacher's vocab
 RUNNER_SET = {"data": ("train", "dev", "test"), "train": ("out_dir",)}  # keys the runner fills in
+TRAINING_LIMITS = ("train.max_steps", "train.max_epochs")  # raising one continues a finished training stage
 TRAINING_FILES = ("checkpoints", "vocab", "tensorboard", "metrics.jsonl", "train.log", "config.yaml")
 
 
@@ -203,6 +206,27 @@ def _file_stats(path: Path, base: Path) -> list[Any]:
     return stats
 
 
+def split_limits(inputs: Any, paths: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """A stage's inputs without its limits (dotted paths into them), and the limits' values."""
+    if not paths or inputs is None:
+        return inputs, {}
+    rest, limits = json.loads(json.dumps(inputs, default=str)), {}
+    for path in paths:
+        *parents, key = path.split(".")
+        node = rest
+        for parent in parents:
+            node = node[parent]
+        limits[path] = node.pop(key)
+    return rest, limits
+
+
+def limits_raised(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether `new` allows more work than `old` and no less (0 = no limit)."""
+    if set(old) != set(new) or old == new:
+        return False
+    return all(n == o or n == 0 or (o != 0 and n > o) for o, n in ((old[k], new[k]) for k in old))
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
@@ -240,7 +264,7 @@ class RecipeRun:
         self.state: dict[str, dict[str, Any]] = {}
         if self.state_path.is_file():
             self.state = json.loads(self.state_path.read_text(encoding="utf-8")).get("stages", {})
-        self.resuming = False  # the stage being run was interrupted before with the same fingerprint
+        self.resuming = False  # the stage being run continues earlier work: interrupted, or finished with lower limits
         self._configs: dict[str, Config] = {}
 
     # paths and configs
@@ -321,14 +345,28 @@ class RecipeRun:
         files = [_file_stats(path, self.dir) for path in STAGES[name].outputs(self)]
         return self._digest([record.get("fingerprint"), record.get("status"), files])
 
-    def fingerprint(self, name: str) -> str:
+    def fingerprints(self, name: str) -> dict[str, Any]:
+        """The stage's fingerprint; for a stage with limits also the fingerprint without them, and their values."""
         stage = STAGES[name]
-        return self._digest({"inputs": stage.inputs(self),
-                             "upstream": {dep: self.output_digest(dep) for dep in stage.needs}})
+        inputs, upstream = stage.inputs(self), {dep: self.output_digest(dep) for dep in stage.needs}
+        prints: dict[str, Any] = {"fingerprint": self._digest({"inputs": inputs, "upstream": upstream})}
+        if stage.limits:
+            unlimited, limits = split_limits(inputs, stage.limits)
+            prints.update(unlimited_fingerprint=self._digest({"inputs": unlimited, "upstream": upstream}),
+                          limits=limits)
+        return prints
 
     def is_current(self, name: str, fingerprint: str) -> bool:
         record = self.state.get(name, {})
         return (record.get("status") == "done" and record.get("fingerprint") == fingerprint
+                and all(path.exists() for path in STAGES[name].outputs(self)))
+
+    def extends(self, name: str, prints: dict[str, Any]) -> bool:
+        """Whether the stage finished before with the same inputs but lower limits (and its outputs are there)."""
+        record = self.state.get(name, {})
+        return (record.get("status") == "done" and "limits" in prints
+                and record.get("unlimited_fingerprint") == prints["unlimited_fingerprint"]
+                and limits_raised(record.get("limits", {}), prints["limits"])
                 and all(path.exists() for path in STAGES[name].outputs(self)))
 
     def execute(self, name: str, force: bool) -> None:
@@ -337,15 +375,18 @@ class RecipeRun:
         for dep in stage.needs:
             if self.status(dep) not in ("done", "skipped"):
                 raise NMTError(f"stage {name} needs stage {dep}, which has not completed (run it first)")
-        fingerprint = self.fingerprint(name)
-        if not force and self.is_current(name, fingerprint):
+        prints = self.fingerprints(name)
+        if not force and self.is_current(name, prints["fingerprint"]):
+            self.record(name, **prints)  # records from before limits were kept gain them
             say(f"[{name}] current, skipped")
             return
         previous = self.state.get(name, {})
-        self.resuming = not force and previous.get("status") == "started" and previous.get("fingerprint") == fingerprint
-        say(f"[{name}] {'resuming' if self.resuming else 'running'}")
-        self.record(name, status="started", fingerprint=fingerprint, result=None, message="", error=None)
-        started = time.time()
+        extending = not force and self.extends(name, prints)
+        self.resuming = extending or (not force and previous.get("status") == "started"
+                                      and previous.get("fingerprint") == prints["fingerprint"])
+        say(f"[{name}] {'extending' if extending else 'resuming' if self.resuming else 'running'}")
+        self.record(name, status="started", **prints, result=None, message="", error=None)
+        started = time.time() - (previous.get("wall_s", 0.0) if extending else 0.0)  # wall_s counts both runs
         try:
             result, status, message = _plain(stage.run(self) or {}), "done", ""
         except Skip as skip:
@@ -360,7 +401,7 @@ class RecipeRun:
     # shared by the stages
 
     def train(self, role: str) -> dict[str, Any]:
-        """Train a model with the run's vocabulary; resume from last.pt when the same stage was interrupted."""
+        """Train a model with the run's vocabulary; continue from last.pt when the stage resumes or extends."""
         from nmt.train import Trainer
         from nmt.vocab import Vocab
 
@@ -448,17 +489,18 @@ class Stage:
     needs: tuple[str, ...]  # upstream stages; their outputs are part of this stage's fingerprint
     inputs: Callable[[RecipeRun], Any]  # JSON-able values this stage's work depends on
     outputs: Callable[[RecipeRun], list[Path]]  # files or folders that must exist for the stage to be current
+    limits: tuple[str, ...]  # dotted paths into inputs: raising only these continues the finished stage
 
 
 STAGES: dict[str, Stage] = {}  # in running order
 
 
 def stage(name: str, needs: tuple[str, ...] = (), inputs: Callable[[RecipeRun], Any] = lambda run: None,
-          outputs: Callable[[RecipeRun], list[Path]] = lambda run: []) -> Callable:
+          outputs: Callable[[RecipeRun], list[Path]] = lambda run: [], limits: tuple[str, ...] = ()) -> Callable:
     """Register a stage function under `name`, after the stages registered before it."""
 
     def register(function: Callable[[RecipeRun], dict[str, Any] | None]) -> Callable:
-        STAGES[name] = Stage(name, function, needs, inputs, outputs)
+        STAGES[name] = Stage(name, function, needs, inputs, outputs, limits)
         return function
 
     return register
@@ -510,7 +552,7 @@ def vocab(run: RecipeRun) -> dict[str, Any]:
 
 
 @stage("teacher", needs=("prepare", "vocab"), inputs=lambda run: run.training_inputs("teacher"),
-       outputs=lambda run: [run.checkpoint("teacher")])
+       limits=TRAINING_LIMITS, outputs=lambda run: [run.checkpoint("teacher")])
 def teacher(run: RecipeRun) -> dict[str, Any]:
     return run.train("teacher")
 
@@ -542,7 +584,7 @@ def distill(run: RecipeRun) -> dict[str, Any]:
 
 
 @stage("student", needs=("prepare", "vocab", "distill"), inputs=lambda run: run.training_inputs("student"),
-       outputs=lambda run: [run.checkpoint("student")])
+       limits=TRAINING_LIMITS, outputs=lambda run: [run.checkpoint("student")])
 def student(run: RecipeRun) -> dict[str, Any]:
     """The student on the distilled corpus; on the original corpus when distillation is not available."""
     if run.recipe.student is None:
@@ -565,7 +607,7 @@ def evaluate_student(run: RecipeRun) -> dict[str, Any]:
 
 
 @stage("baseline", needs=("prepare", "vocab"), inputs=lambda run: run.training_inputs("baseline"),
-       outputs=lambda run: [run.checkpoint("baseline")] if run.trains("baseline") else [])
+       limits=TRAINING_LIMITS, outputs=lambda run: [run.checkpoint("baseline")] if run.trains("baseline") else [])
 def baseline(run: RecipeRun) -> dict[str, Any]:
     """The student's model trained on the original corpus: the comparison that shows what distillation adds."""
     if not run.trains("baseline"):

@@ -152,14 +152,57 @@ def test_baseline_student_is_trained_on_the_original_corpus_and_reported(run_cop
 
 def test_changed_student_config_reruns_only_affected_stages(run_copy, toy_corpus, capsys):
     values = recipe_values(toy_corpus)
-    values["student"]["train"]["max_steps"] = 12
+    values["student"]["train"]["lr"] = 0.003
     write_recipe(run_copy, values)
     run_recipe(run_copy / "recipe.yaml")
     said = stage_lines(capsys.readouterr().err)
     current = {name for name, what in said.items() if what == "current, skipped"}
     assert current == {"prepare", "vocab", "teacher", "evaluate_teacher"}
     assert said["student"] == "running"
-    assert state_of(run_copy)["student"]["result"]["steps"] == 12
+    result = state_of(run_copy)["student"]["result"]
+    assert result["steps"] == 10 and result["resumed_from_step"] is None
+
+
+def test_raised_step_limit_extends_the_finished_training(run_copy, toy_corpus, capsys):
+    before = state_of(run_copy)["student"]
+    values = recipe_values(toy_corpus)
+    values["student"]["train"]["max_steps"] = 14
+    write_recipe(run_copy, values)
+    run_recipe(run_copy / "recipe.yaml")
+    said = stage_lines(capsys.readouterr().err)
+    assert said["student"] == "extending" and said["evaluate_student"] == "running"
+    record = state_of(run_copy)["student"]
+    assert record["result"]["resumed_from_step"] == 10 and record["result"]["steps"] == 14
+    assert record["limits"] == {"train.max_steps": 14, "train.max_epochs": 20}
+    assert record["wall_s"] >= before["wall_s"]  # the run it extends counts too
+    metrics = [json.loads(line) for line in (run_copy / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "valid_bleu" in m] == [10, 14]
+
+    values["student"]["train"]["max_steps"] = 12  # fewer steps than trained: start over
+    write_recipe(run_copy, values)
+    run_recipe(run_copy / "recipe.yaml", end="student")
+    assert stage_lines(capsys.readouterr().err)["student"] == "running"
+    assert state_of(run_copy)["student"]["result"]["resumed_from_step"] is None
+
+
+def test_records_without_limits_gain_them_when_current(run_copy, toy_corpus, monkeypatch, capsys):
+    """A run folder from before limits were recorded: stages stay current, then a raised limit extends."""
+    state = json.loads((run_copy / "run" / "state.json").read_text())
+    for record in state["stages"].values():
+        record.pop("unlimited_fingerprint", None), record.pop("limits", None)
+    (run_copy / "run" / "state.json").write_text(json.dumps(state))
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train", lambda self: pytest.fail("a current stage trained again"))
+        run_recipe(run_copy / "recipe.yaml", end="student")
+    said = stage_lines(capsys.readouterr().err)
+    assert said["teacher"] == said["student"] == "current, skipped"
+    assert state_of(run_copy)["teacher"]["limits"] == {"train.max_steps": 20, "train.max_epochs": 20}
+    values = recipe_values(toy_corpus)
+    values["teacher"]["train"]["max_steps"] = 30
+    write_recipe(run_copy, values)
+    run_recipe(run_copy / "recipe.yaml", end="teacher")
+    assert stage_lines(capsys.readouterr().err)["teacher"] == "extending"
+    assert state_of(run_copy)["teacher"]["result"]["steps"] == 30
 
 
 def test_changed_decoding_reruns_only_evaluation(run_copy, toy_corpus, monkeypatch, capsys):
