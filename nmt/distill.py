@@ -24,7 +24,7 @@ from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.train import Trainer
 from nmt.translate import Translator
-from nmt.vocab import PAD_ID
+from nmt.vocab import PAD_ID, Vocab
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
@@ -84,20 +84,27 @@ def word_kd_loss(teacher: Seq2Seq, topk: int):
     return loss
 
 
-def run_distill(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                corpus_only: bool = False, config: Config | None = None) -> dict[str, Any]:
-    """`nmt distill`: translate the training source with the teacher, write the distilled corpus in the
-    student's run folder (`distill/train.src|tgt`), then train the student on it (resuming if it was stopped)."""
-    config = config or load_config(config_path, overrides)
-    d = config.distill
-    if not d.teacher:
+def _teacher(config: Config) -> tuple[Seq2Seq, Vocab, Config, str]:
+    """The teacher that config.distill names: model, vocabulary, config, and the device it was loaded on."""
+    if not config.distill.teacher:
         raise NMTError("distill.teacher: name the teacher's run folder or checkpoint")
+    device = config.train.device if config.train.device != "cuda" else "cuda:0"
+    return (*load_model(config.distill.teacher, device), device)
+
+
+def distilled_files(config: Config) -> CorpusSpec:
+    """Where the distilled corpus lives: distill/train.src|tgt in the student's run folder."""
+    folder = Path(config.train.out_dir) / "distill"
+    return CorpusSpec(src=str(folder / "train.src"), tgt=str(folder / "train.tgt"))
+
+
+def distill_corpus(config: Config) -> dict[str, Any]:
+    """Translate the training source with the teacher (resumable shards) and write the distilled corpus."""
     if config.data.train is None:
         raise NMTError("data.train: the training corpus to distil is needed")
-    device = config.train.device if config.train.device != "cuda" else "cuda:0"
-    teacher, vocab, teacher_config = load_model(d.teacher, device)
-    run_dir = Path(config.train.out_dir)
-    folder = run_dir / "distill"
+    teacher, vocab, teacher_config, device = _teacher(config)
+    files = distilled_files(config)
+    folder = Path(files.src).parent
     table = load_parallel(config.data.train)
     sources, references = list(table["src"]), list(table["tgt"])
     began = time.time()
@@ -105,22 +112,34 @@ def run_distill(config_path: str | None = None, overrides: list[str] | tuple[str
     targets = translate_shards(translator, sources, references, folder / "shards", config)
     seconds = time.time() - began
     src_lines, tgt_lines = list(sources), list(targets)
-    if d.keep_original:
+    if config.distill.keep_original:
         src_lines += sources
         tgt_lines += references
-    _write_lines(folder / "train.src", [s.replace("\n", " ") for s in src_lines])
-    _write_lines(folder / "train.tgt", tgt_lines)
-    summary: dict[str, Any] = {"distilled_pairs": len(src_lines), "teacher": d.teacher,
-                               "translate_s": round(seconds, 1)}
+    _write_lines(Path(files.src), [s.replace("\n", " ") for s in src_lines])
+    _write_lines(Path(files.tgt), tgt_lines)
+    summary = {"distilled_pairs": len(src_lines), "teacher": config.distill.teacher, "translate_s": round(seconds, 1)}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    if corpus_only:
-        return summary
-    student_config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, train=CorpusSpec(src=str(folder / "train.src"), tgt=str(folder / "train.tgt"))))
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    return summary
+
+
+def student_trainer(config: Config, resume: bool = False) -> Trainer:
+    """A Trainer for the student on the distilled corpus, in the teacher's vocabulary, with word-level KD from
+    the teacher when distill.word_kd_weight > 0."""
+    teacher, vocab, _, _ = _teacher(config)
+    student_config = dataclasses.replace(config, data=dataclasses.replace(config.data, train=distilled_files(config)))
     trainer = Trainer(student_config, resume=resume, vocab=vocab)
-    if d.word_kd_weight > 0:
-        trainer.extra_loss = word_kd_loss(teacher.train(False), d.word_kd_topk)
-        trainer.extra_loss_weight = d.word_kd_weight
-    summary["student"] = trainer.train()
+    if config.distill.word_kd_weight > 0:
+        trainer.extra_loss = word_kd_loss(teacher.train(False), config.distill.word_kd_topk)
+        trainer.extra_loss_weight = config.distill.word_kd_weight
+    return trainer
+
+
+def run_distill(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                corpus_only: bool = False, config: Config | None = None) -> dict[str, Any]:
+    """`nmt distill`: write the distilled corpus, then train the student on it (resuming if it was stopped)."""
+    config = config or load_config(config_path, overrides)
+    summary: dict[str, Any] = distill_corpus(config)
+    if not corpus_only:
+        resume = (Path(config.train.out_dir) / "checkpoints" / "last.pt").is_file()
+        summary["student"] = student_trainer(config, resume).train()
     return summary

@@ -400,8 +400,9 @@ class RecipeRun:
 
     # shared by the stages
 
-    def train(self, role: str) -> dict[str, Any]:
-        """Train a model with the run's vocabulary; continue from last.pt when the stage resumes or extends."""
+    def train(self, role: str, make_trainer: Callable[[Config, bool], Any] | None = None) -> dict[str, Any]:
+        """Train a model with the run's vocabulary (or with make_trainer(config, resume)); continue from last.pt
+        when the stage resumes or extends."""
         from nmt.train import Trainer
         from nmt.vocab import Vocab
 
@@ -409,7 +410,10 @@ class RecipeRun:
         resume = self.resuming and (self.model_dir(role) / "checkpoints" / "last.pt").is_file()
         if not resume:
             clear_training(self.model_dir(role))
-        trainer = Trainer(config, resume=resume, vocab=Vocab.load(self.vocab_dir))
+        if make_trainer is None:
+            trainer = Trainer(config, resume=resume, vocab=Vocab.load(self.vocab_dir))
+        else:
+            trainer = make_trainer(config, resume)
         resumed_from = trainer.progress.step if resume else None
         return {**trainer.train(), "resumed_from_step": resumed_from}
 
@@ -580,7 +584,7 @@ def distill(run: RecipeRun) -> dict[str, Any]:
     module = optional_module("nmt.distill", "sequence-level distillation")
     if not run.resuming:  # shards of an interrupted attempt with the same inputs are kept, others are stale
         shutil.rmtree(run.distilled_dir, ignore_errors=True)
-    return module.run_distill(None, corpus_only=True, config=run.config("student"))
+    return module.distill_corpus(run.config("student"))
 
 
 @stage("student", needs=("prepare", "vocab", "distill"), inputs=lambda run: run.training_inputs("student"),
@@ -592,10 +596,9 @@ def student(run: RecipeRun) -> dict[str, Any]:
     if run.status("distill") != "done":
         say("[student] no distilled corpus (see the distill stage): training on the original corpus")
         return {**run.train("student"), "distilled": False}
-    run_distill = importlib.import_module("nmt.distill").run_distill
-    if not (run.resuming and (run.model_dir("student") / "checkpoints" / "last.pt").is_file()):
-        clear_training(run.model_dir("student"))  # run_distill resumes from a last.pt it finds, else starts anew
-    return {**run_distill(None, config=run.config("student")), "distilled": True}
+    # the distill stage wrote the corpus: rewriting it here would change that stage's outputs and fingerprint
+    student_trainer = importlib.import_module("nmt.distill").student_trainer
+    return {**run.train("student", student_trainer), "distilled": True}
 
 
 @stage("evaluate_student", needs=("prepare", "student"), inputs=lambda run: run.evaluation_inputs("student"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nmt.distill import distilled_files, student_trainer
 from nmt.errors import NMTError
 from nmt.train import Trainer
 from recipes.runner import STAGES, load_recipe, run_recipe, select_stages
@@ -242,28 +243,30 @@ def test_killed_teacher_resumes_from_last_checkpoint(toy_corpus, tmp_path, monke
 def test_built_distillation_and_export_are_called(run_copy, toy_corpus, monkeypatch, capsys):
     calls = []
 
-    def run_distill(config_path, overrides=(), corpus_only=False, config=None):
-        """Like nmt.distill: the corpus goes to STUDENT/distill/, then the student trains on it."""
-        calls.append(("distill", corpus_only, config.distill.teacher))
-        folder = Path(config.train.out_dir) / "distill"
-        if corpus_only:
-            folder.mkdir(parents=True)
-            for side in ("src", "tgt"):
-                shutil.copy(toy_corpus / f"train.{side}", folder / f"train.{side}")
-            return {"distilled_pairs": 3000}
-        from nmt.vocab import Vocab
-        return {"student": Trainer(config, quiet=True, vocab=Vocab.load(Path(config.distill.teacher) / "vocab")).train()}
+    def distill_corpus(config):
+        """Like nmt.distill's, without the teacher's time: the corpus goes to STUDENT/distill/."""
+        calls.append(("distill", config.distill.teacher))
+        files = distilled_files(config)
+        Path(files.src).parent.mkdir(parents=True)
+        shutil.copy(toy_corpus / "train.src", files.src)
+        shutil.copy(toy_corpus / "train.tgt", files.tgt)
+        return {"distilled_pairs": 3000}
+
+    def trainer(config, resume):
+        calls.append(("student", config.distill.teacher))
+        return student_trainer(config, resume)
 
     def run_export(model, out, tensorrt=False, fp16=False, int8=False):
         calls.append(("export", Path(model).name, tensorrt))
         Path(out).mkdir(parents=True)
         (Path(out) / "model.json").write_text("{}")
 
-    monkeypatch.setitem(sys.modules, "nmt.distill", types.SimpleNamespace(run_distill=run_distill))
+    monkeypatch.setitem(sys.modules, "nmt.distill", types.SimpleNamespace(distill_corpus=distill_corpus,
+                                                                       student_trainer=trainer))
     monkeypatch.setitem(sys.modules, "serving.export", types.SimpleNamespace(run_export=run_export))
     run_recipe(run_copy / "recipe.yaml")
     teacher_dir = str(run_copy / "run" / "teacher")
-    assert calls == [("distill", True, teacher_dir), ("distill", False, teacher_dir), ("export", "student", False)]
+    assert calls == [("distill", teacher_dir), ("student", teacher_dir), ("export", "student", False)]
     state = state_of(run_copy)
     assert state["distill"]["result"] == {"distilled_pairs": 3000}
     assert state["student"]["result"]["distilled"] is True
