@@ -190,7 +190,8 @@ def test_records_without_limits_gain_them_when_current(run_copy, toy_corpus, mon
     """A run folder from before limits were recorded: stages stay current, then a raised limit extends."""
     state = json.loads((run_copy / "run" / "state.json").read_text())
     for record in state["stages"].values():
-        record.pop("unlimited_fingerprint", None), record.pop("limits", None)
+        for key in ("unlimited_fingerprint", "limits"):
+            record.pop(key, None)
     (run_copy / "run" / "state.json").write_text(json.dumps(state))
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "train", lambda self: pytest.fail("a current stage trained again"))
