@@ -356,18 +356,20 @@ class RecipeRun:
                           limits=limits)
         return prints
 
+    def finished(self, name: str) -> bool:
+        """Whether the stage's last run completed and its outputs are still there."""
+        return self.status(name) == "done" and all(path.exists() for path in STAGES[name].outputs(self))
+
     def is_current(self, name: str, fingerprint: str) -> bool:
-        record = self.state.get(name, {})
-        return (record.get("status") == "done" and record.get("fingerprint") == fingerprint
-                and all(path.exists() for path in STAGES[name].outputs(self)))
+        return self.finished(name) and self.state[name].get("fingerprint") == fingerprint
 
     def extends(self, name: str, prints: dict[str, Any]) -> bool:
         """Whether the stage finished before with the same inputs but lower limits (and its outputs are there)."""
-        record = self.state.get(name, {})
-        return (record.get("status") == "done" and "limits" in prints
-                and record.get("unlimited_fingerprint") == prints["unlimited_fingerprint"]
-                and limits_raised(record.get("limits", {}), prints["limits"])
-                and all(path.exists() for path in STAGES[name].outputs(self)))
+        if "limits" not in prints or not self.finished(name):
+            return False
+        record = self.state[name]
+        return (record.get("unlimited_fingerprint") == prints["unlimited_fingerprint"]
+                and limits_raised(record.get("limits", {}), prints["limits"]))
 
     def execute(self, name: str, force: bool) -> None:
         """Run one stage unless it is current; record its fingerprint, result, status and wall time."""
@@ -377,7 +379,8 @@ class RecipeRun:
                 raise NMTError(f"stage {name} needs stage {dep}, which has not completed (run it first)")
         prints = self.fingerprints(name)
         if not force and self.is_current(name, prints["fingerprint"]):
-            self.record(name, **prints)  # records from before limits were kept gain them
+            if any(self.state[name].get(key) != value for key, value in prints.items()):
+                self.record(name, **prints)  # records from before limits were kept gain them
             say(f"[{name}] current, skipped")
             return
         previous = self.state.get(name, {})
