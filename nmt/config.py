@@ -150,6 +150,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def distilled_corpus(self) -> CorpusSpec:
+        """Where distillation writes the student's corpus: distill/train.src|tgt in the run folder."""
+        folder = Path(self.train.out_dir) / "distill"
+        return CorpusSpec(src=str(folder / "train.src"), tgt=str(folder / "train.tgt"))
+
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:

@@ -18,7 +18,7 @@ import sacrebleu
 import torch
 
 from nmt.checkpoint import load_model
-from nmt.config import Config, CorpusSpec, load_config
+from nmt.config import Config, load_config
 from nmt.data import Batch, load_parallel, write_atomic
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
@@ -92,18 +92,12 @@ def _teacher(config: Config) -> tuple[Seq2Seq, Vocab, Config, str]:
     return (*load_model(config.distill.teacher, device), device)
 
 
-def distilled_files(config: Config) -> CorpusSpec:
-    """Where the distilled corpus lives: distill/train.src|tgt in the student's run folder."""
-    folder = Path(config.train.out_dir) / "distill"
-    return CorpusSpec(src=str(folder / "train.src"), tgt=str(folder / "train.tgt"))
-
-
 def distill_corpus(config: Config) -> dict[str, Any]:
     """Translate the training source with the teacher (resumable shards) and write the distilled corpus."""
     if config.data.train is None:
         raise NMTError("data.train: the training corpus to distil is needed")
     teacher, vocab, teacher_config, device = _teacher(config)
-    files = distilled_files(config)
+    files = config.distilled_corpus()
     folder = Path(files.src).parent
     table = load_parallel(config.data.train)
     sources, references = list(table["src"]), list(table["tgt"])
@@ -126,7 +120,7 @@ def student_trainer(config: Config, resume: bool = False) -> Trainer:
     """A Trainer for the student on the distilled corpus, in the teacher's vocabulary, with word-level KD from
     the teacher when distill.word_kd_weight > 0."""
     teacher, vocab, _, _ = _teacher(config)
-    student_config = dataclasses.replace(config, data=dataclasses.replace(config.data, train=distilled_files(config)))
+    student_config = dataclasses.replace(config, data=dataclasses.replace(config.data, train=config.distilled_corpus()))
     trainer = Trainer(student_config, resume=resume, vocab=vocab)
     if config.distill.word_kd_weight > 0:
         trainer.extra_loss = word_kd_loss(teacher.train(False), config.distill.word_kd_topk)

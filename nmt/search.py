@@ -119,10 +119,10 @@ class _GreedyStep(NamedTuple):
     ends: torch.Tensor  # its next token is eos
 
 
-def _greedy_step(log_probs: torch.Tensor, scores: torch.Tensor, greedy_slot: torch.Tensor) -> _GreedyStep:
+def _greedy_step(log_probs: torch.Tensor, scores: torch.Tensor, greedy_slot: torch.Tensor,
+                 sentence: torch.Tensor) -> _GreedyStep:
     """The greedy path's next token: the best continuation of its own beam. log_probs [B', K, V], scores [B', K],
-    greedy_slot [B'] the greedy path's beam, -1 once it ended."""
-    sentence = torch.arange(scores.size(0), device=scores.device)
+    greedy_slot [B'] the greedy path's beam, -1 once it ended; sentence [B'] = 0..B'-1."""
     on, beam = greedy_slot >= 0, greedy_slot.clamp(min=0)
     best, token = log_probs[sentence, beam].max(dim=-1)
     return _GreedyStep(on, beam, token, scores[sentence, beam] + best, on & (token == EOS_ID))
@@ -178,7 +178,7 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
         is_eos = token == EOS_ID
 
         sentence = torch.arange(live, device=device)
-        greedy = _greedy_step(log_probs.view(live, k, vocab), scores, greedy_slot)
+        greedy = _greedy_step(log_probs.view(live, k, vocab), scores, greedy_slot, sentence)
 
         # Close hypotheses: eos among the K best candidates with a finite score, and the greedy path's eos.
         closing = is_eos & (top_scores > -math.inf)

@@ -295,10 +295,6 @@ class RecipeRun:
     def model_dir(self, role: str) -> Path:
         return self.dir / role
 
-    @property
-    def distilled_dir(self) -> Path:
-        return self.model_dir("student") / "distill"
-
     def checkpoint(self, role: str) -> Path:
         return self.model_dir(role) / "checkpoints" / "best.pt"
 
@@ -388,8 +384,9 @@ class RecipeRun:
         self.resuming = extending or (not force and previous.get("status") == "started"
                                       and previous.get("fingerprint") == prints["fingerprint"])
         say(f"[{name}] {'extending' if extending else 'resuming' if self.resuming else 'running'}")
-        self.record(name, status="started", **prints, result=None, message="", error=None)
-        started = time.time() - (previous.get("wall_s", 0.0) if extending else 0.0)  # wall_s counts both runs
+        carried = previous.get("wall_s", 0.0) if self.resuming else 0.0  # the attempts this one continues count too
+        self.record(name, status="started", **prints, result=None, message="", error=None, wall_s=carried)
+        started = time.time() - carried
         try:
             result, status, message = _plain(stage.run(self) or {}), "done", ""
         except Skip as skip:
@@ -578,15 +575,23 @@ def _distill_inputs(run: RecipeRun) -> Any:
     return [dataclasses.asdict(config.data.train), dataclasses.asdict(config.distill)]
 
 
+def _distill_outputs(run: RecipeRun) -> list[Path]:
+    """The distilled corpus, where the student's config puts it."""
+    if run.recipe.student is None:
+        return []
+    spec = run.config("student").distilled_corpus()
+    return [Path(spec.src), Path(spec.tgt)]
+
+
 @stage("distill", needs=("prepare", "vocab", "teacher"), inputs=_distill_inputs,
-       outputs=lambda run: [run.distilled_dir / "train.src", run.distilled_dir / "train.tgt"])
+       outputs=_distill_outputs)
 def distill(run: RecipeRun) -> dict[str, Any]:
     """The teacher's translations of the training sources (nmt.distill writes them in STUDENT/distill/)."""
     if run.recipe.student is None:
         raise Skip("the recipe has no student")
     module = optional_module("nmt.distill", "sequence-level distillation")
     if not run.resuming:  # shards of an interrupted attempt with the same inputs are kept, others are stale
-        shutil.rmtree(run.distilled_dir, ignore_errors=True)
+        shutil.rmtree(_distill_outputs(run)[0].parent, ignore_errors=True)
     return module.distill_corpus(run.config("student"))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nmt.distill import distilled_files, student_trainer
+from nmt.distill import student_trainer
 from nmt.errors import NMTError
 from nmt.train import Trainer
 from recipes.runner import STAGES, load_recipe, run_recipe, select_stages
@@ -232,11 +232,15 @@ def test_killed_teacher_resumes_from_last_checkpoint(toy_corpus, tmp_path, monke
     with pytest.raises(RuntimeError, match="killed"):
         run_recipe(recipe, end="teacher")
     record = state_of(tmp_path)["teacher"]
-    assert record["status"] == "started" and "killed" in record["error"]
+    assert record["status"] == "started" and "killed" in record["error"] and record["wall_s"] > 0
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    state["stages"]["teacher"]["wall_s"] = 1000.0  # as if the killed attempt had trained for a long time
+    (tmp_path / "run" / "state.json").write_text(json.dumps(state))
     monkeypatch.setattr(Trainer, "step", original_step)
     run_recipe(recipe, end="teacher")
-    result = state_of(tmp_path)["teacher"]["result"]
-    assert result["resumed_from_step"] == 10 and result["steps"] == 20
+    record = state_of(tmp_path)["teacher"]
+    assert record["result"]["resumed_from_step"] == 10 and record["result"]["steps"] == 20
+    assert 1000 < record["wall_s"] < 1100  # the killed attempt's time counts
     metrics = [json.loads(line) for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "valid_bleu" in m] == [10, 20]
 
@@ -247,7 +251,7 @@ def test_built_distillation_and_export_are_called(run_copy, toy_corpus, monkeypa
     def distill_corpus(config):
         """Like nmt.distill's, without the teacher's time: the corpus goes to STUDENT/distill/."""
         calls.append(("distill", config.distill.teacher))
-        files = distilled_files(config)
+        files = config.distilled_corpus()
         Path(files.src).parent.mkdir(parents=True)
         shutil.copy(toy_corpus / "train.src", files.src)
         shutil.copy(toy_corpus / "train.tgt", files.tgt)
