@@ -69,6 +69,7 @@ class CorpusSection:
 @dataclass(frozen=True)
 class EvaluateSection:
     max_sentences: int = 0  # score only the first N test sentences (0 = all)
+    speed_repeats: int = 3  # decode the test sentences this many times; sentences/s is the median run's
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,9 @@ def load_recipe(path: str | Path) -> Recipe:
     sample = values.get("sample") or []
     if not isinstance(sample, list) or not all(isinstance(line, str) for line in sample):
         raise NMTError(f"{path.name}: sample: must be a list of sentences")
+    evaluate = _section(EvaluateSection, values.get("evaluate"), "evaluate")
+    if evaluate.max_sentences < 0 or evaluate.speed_repeats < 1:
+        raise NMTError("evaluate: max_sentences must be >= 0 and speed_repeats >= 1")
     export = _section(ExportSection, values.get("export"), "export")
     if export.model not in ("student", "teacher"):
         raise NMTError(f"export.model: must be student or teacher, got {export.model!r}")
@@ -179,8 +183,7 @@ def load_recipe(path: str | Path) -> Recipe:
         path=path, run_dir=Path(_resolve(base, values["run_dir"])), corpus=_corpus(values.get("corpus"), base),
         teacher=_model_sections(values["teacher"], "teacher"),
         student=_model_sections(values["student"], "student") if values.get("student") is not None else None,
-        distill=_mapping(values.get("distill"), "distill"), evaluate=_section(EvaluateSection, values.get("evaluate"),
-                                                                             "evaluate"),
+        distill=_mapping(values.get("distill"), "distill"), evaluate=evaluate,
         export=export, sample=tuple(sample), baseline=values.get("baseline", False),
     )
     run = RecipeRun(recipe)
@@ -430,7 +433,7 @@ class RecipeRun:
         translator = open_translator(str(self.model_dir(role)), "torch", self.config(role).train.device)
         decodes = {}
         for beam in beams:
-            hypotheses, speed = timed_translation(translator, sources, beam)
+            hypotheses, speed = timed_translation(translator, sources, beam, self.recipe.evaluate.speed_repeats)
             output = self.dir / "eval" / f"{role}.beam{beam}.{self.languages()[1]}"
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text("".join(line + "\n" for line in hypotheses), encoding="utf-8")
@@ -473,14 +476,21 @@ def clear_training(folder: Path) -> None:
             path.unlink()
 
 
-def timed_translation(translator: Any, lines: list[str], beam: int) -> tuple[list[str], dict[str, Any]]:
+def timed_translation(translator: Any, lines: list[str], beam: int,
+                      repeats: int = 1) -> tuple[list[str], dict[str, Any]]:
+    """The best hypotheses of `lines`, and the decoding speed of the median of `repeats` identical runs (a run of
+    a few seconds on a shared machine can take 1.5x as long as the next one)."""
     import torch
 
-    started = time.perf_counter()
-    hypotheses = [nbest[0].text for nbest in translator.translate(lines, beam_size=beam, nbest=1)]
-    wall = max(time.perf_counter() - started, 1e-9)
+    walls = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        hypotheses = [nbest[0].text for nbest in translator.translate(lines, beam_size=beam, nbest=1)]
+        walls.append(max(time.perf_counter() - started, 1e-9))
+    wall = sorted(walls)[len(walls) // 2]
     return hypotheses, {"wall_s": round(wall, 3), "sentences_per_s": round(len(lines) / wall, 2),
-                        "threads": torch.get_num_threads(), "device": str(translator.device)}
+                        "runs_s": [round(w, 3) for w in walls], "threads": torch.get_num_threads(),
+                        "device": str(translator.device)}
 
 
 # --- the stages --------------------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def test_summary_files_and_plot_are_written(finished_run):
     assert teacher["checkpoint_bytes"] > 0 and teacher["test_sentences"] == 40
     speed = student["decodes"]["beam1"]
     assert speed["sentences_per_s"] > 0 and speed["threads"] >= 1
+    assert len(speed["runs_s"]) == 3 and speed["wall_s"] == sorted(speed["runs_s"])[1]  # the median of 3 decodes
     assert 0 <= teacher["decodes"]["beam5"]["bleu"] <= 100
     assert len((run / "eval" / "student.beam1.tgt").read_text().splitlines()) == 40
     assert summary["stages"]["teacher"]["wall_s"] > 0
@@ -297,6 +298,10 @@ def test_recipe_mistakes_are_one_line_errors(toy_corpus, tmp_path):
     values = recipe_values(toy_corpus)
     values["corpus"]["kind"] = "ftp"
     with pytest.raises(NMTError, match="corpus.kind"):
+        load_recipe(write_recipe(tmp_path, values))
+    values = recipe_values(toy_corpus)
+    values["evaluate"]["speed_repeats"] = 0
+    with pytest.raises(NMTError, match="speed_repeats >= 1"):
         load_recipe(write_recipe(tmp_path, values))
     with pytest.raises(NMTError, match="--from bake: unknown stage"):
         select_stages("bake", None)
