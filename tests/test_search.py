@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_random_model
 from nmt.checkpoint import load_model
 from nmt.data import pad
-from nmt.search import State, beam_search, forced_scores, greedy_search, length_penalty
+from nmt.search import State, beam_search, forced_scores, greedy_search, length_penalty, row_max
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
@@ -147,3 +147,16 @@ def test_length_penalty_is_gnmt():
     assert length_penalty(7, 1.0) == pytest.approx(2.0)
     assert length_penalty(7, 0.6) == pytest.approx(2.0 ** 0.6)
     assert math.isclose(length_penalty(torch.tensor(1.0), 2.0).item(), 1.0)
+
+
+@pytest.mark.parametrize("vocab", [16000, 300, 5])
+def test_row_max_equals_torch_max_with_ties_and_masked_entries(vocab):
+    scores = torch.randn(7, vocab, generator=torch.Generator().manual_seed(vocab)).log_softmax(-1)
+    scores[:, :2] = -math.inf
+    scores[1, vocab - 1] = scores[1, 3] = scores[1].max() + 1  # a tie: the first index wins, as with torch.max
+    scores[2] = -math.inf
+    scores[2, vocab - 1] = 0.0  # the best entry is in the padded last block
+    values, indices = row_max(scores)
+    expected = scores.max(dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    assert indices[1] == 3 and indices[2] == vocab - 1
