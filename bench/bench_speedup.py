@@ -1,0 +1,58 @@
+"""bench_speedup.py — decoding speed of several models side by side: their decodes of the same sentences take
+turns (A, B, A, B, ...), so a machine that slows down for minutes slows every model alike; each model's figure is
+the median of its runs, and each ratio is against the first model. For distillation: the teacher's beam 5 first,
+then the student's greedy search.
+
+  python bench/bench_speedup.py --input test.src --decode RUN_DIR:BEAM [--decode RUN_DIR:BEAM ...] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from nmt.cli import open_translator
+from nmt.data import read_lines
+from nmt.errors import NMTError
+
+
+def parse_decode(text: str) -> tuple[str, int]:
+    model, _, beam = text.rpartition(":")
+    if not model or not beam.isdigit() or int(beam) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected RUN_DIR:BEAM, e.g. runs/x/teacher:5")
+    return model, int(beam)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="source sentences, one per line")
+    parser.add_argument("--decode", type=parse_decode, action="append", required=True, help="RUN_DIR:BEAM")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    try:
+        lines = read_lines(args.input)
+        translators = [open_translator(model, "torch", "cpu") for model, _ in args.decode]
+    except (NMTError, OSError) as err:
+        parser.exit(1, f"error: {err}\n")
+    runs: list[list[float]] = [[] for _ in args.decode]
+    for _ in range(args.repeats):
+        for (_, beam), translator, times in zip(args.decode, translators, runs):
+            started = time.perf_counter()
+            translator.translate(lines, beam_size=beam)
+            times.append(time.perf_counter() - started)
+    speeds = [len(lines) / sorted(times)[len(times) // 2] for times in runs]
+    print(json.dumps({
+        "sentences": len(lines), "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "decodes": [{"model": model, "beam": beam, "sentences_per_s": round(speed, 1),
+                     "runs_s": [round(t, 2) for t in times], "ratio_to_first": round(speed / speeds[0], 2)}
+                    for (model, beam), speed, times in zip(args.decode, speeds, runs)],
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
