@@ -83,7 +83,7 @@ def row_max(scores: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch
     rows, vocab = scores.shape
     if vocab % block:
         scores = nn.functional.pad(scores, (0, block - vocab % block), value=-math.inf)
-    blocks = scores.view(rows, -1, block)  # [N, V / block, block]
+    blocks = scores.view(rows, scores.size(1) // block, block)  # [N, V / block, block]
     best, best_block = blocks.amax(dim=-1).max(dim=-1)  # [N], [N]
     within = blocks[torch.arange(rows, device=scores.device), best_block].max(dim=-1).indices  # [N]
     return best, best_block * block + within

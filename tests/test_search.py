@@ -160,3 +160,4 @@ def test_row_max_equals_torch_max_with_ties_and_masked_entries(vocab):
     expected = scores.max(dim=-1)
     assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
     assert indices[1] == 3 and indices[2] == vocab - 1
+    assert row_max(scores[:0])[1].shape == (0,)
