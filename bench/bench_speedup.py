@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from nmt.cli import open_translator
 from nmt.data import read_lines
 from nmt.errors import NMTError
+from recipes.runner import timed_translation
 
 
 def parse_decode(text: str) -> tuple[str, int]:
@@ -39,12 +39,12 @@ def main() -> None:
         translators = [open_translator(model, "torch", "cpu") for model, _ in args.decode]
     except (NMTError, OSError) as err:
         parser.exit(1, f"error: {err}\n")
+    if not lines:
+        parser.exit(1, f"error: {args.input}: no sentences to decode\n")
     runs: list[list[float]] = [[] for _ in args.decode]
     for _ in range(args.repeats):
         for (_, beam), translator, times in zip(args.decode, translators, runs):
-            started = time.perf_counter()
-            translator.translate(lines, beam_size=beam)
-            times.append(time.perf_counter() - started)
+            times.append(timed_translation(translator, lines, beam)[1]["wall_s"])
     speeds = [len(lines) / sorted(times)[len(times) // 2] for times in runs]
     print(json.dumps({
         "sentences": len(lines), "threads": torch.get_num_threads(), "repeats": args.repeats,
