@@ -23,10 +23,22 @@ class BahdanauAttention(nn.Module):
     def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor,
                 src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """query [N, Q], keys [B, S, A], memory [B, S, M], src_mask [B, S] → context [N, M], weights [N, S]."""
-        batch, steps, _ = keys.shape
-        q = self.query_layer(query).view(batch, -1, 1, keys.size(-1))  # [B, K, 1, A]
-        energy = self.energy_layer(torch.tanh(q + keys.unsqueeze(1))).squeeze(-1)  # [B, K, S]
-        energy = energy.masked_fill(~src_mask.unsqueeze(1), torch.finfo(energy.dtype).min)
-        weights = torch.softmax(energy, dim=-1)  # [B, K, S]
-        context = torch.bmm(weights, memory)  # [B, K, M]
-        return context.reshape(-1, memory.size(-1)), weights.reshape(-1, steps)
+        return attend(self.query_layer(query), keys, memory, src_mask, self.energy_layer.weight)
+
+
+def attend(projected_query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
+           energy_weight: torch.Tensor, hidden_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of projected queries [N, A] (N = B × K rows) → context [N, M], weights [N, S]:
+    energies v · tanh(q + keys), masked, softmax over the source, weighted sum of the memory. `hidden_out`
+    [B, K, S, A], when given, receives tanh(q + keys) (what a hand-written backward needs)."""
+    batch, steps, _ = keys.shape
+    q = projected_query.view(batch, -1, 1, keys.size(-1))  # [B, K, 1, A]
+    if hidden_out is None:
+        hidden = torch.tanh(q + keys.unsqueeze(1))
+    else:
+        hidden = torch.add(q, keys.unsqueeze(1), out=hidden_out).tanh_()
+    energy = torch.matmul(hidden, energy_weight.t()).squeeze(-1)  # [B, K, S]
+    energy = energy.masked_fill(~src_mask.unsqueeze(1), torch.finfo(energy.dtype).min)
+    weights = torch.softmax(energy, dim=-1)  # [B, K, S]
+    context = torch.bmm(weights, memory)  # [B, K, M]
+    return context.reshape(-1, memory.size(-1)), weights.reshape(-1, steps)

@@ -73,6 +73,9 @@ class VocabConfig:
     joint: bool = True
     character_coverage: float = 1.0
     max_sentences: int = 2_000_000  # sentences sampled to train SentencePiece
+    # target: the decoder predicts only the pieces of the training targets (and the specials), as every peer
+    # does; at 16k joint BPE on the Bible that halves the output layer. full: every piece of the model.
+    output: Literal["target", "full"] = "target"
 
 
 @dataclass(frozen=True)

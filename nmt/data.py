@@ -138,7 +138,7 @@ def _fingerprint(*parts: str) -> str:
 
 def tokenize(table: datasets.Dataset, vocab: Vocab) -> datasets.Dataset:
     """Add `src_ids` / `tgt_ids` (cached by `datasets`, keyed on the data and the vocabulary)."""
-    vocab_hash = hashlib.sha256(vocab.src_model + vocab.tgt_model).hexdigest()
+    vocab_hash = vocab.fingerprint()
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list]:
         src = [s.strip() for s in batch["src"]]

@@ -2,23 +2,30 @@
 
 Each step reads the previous token and the previous attentional vector (input feeding), updates the GRU/LSTM
 layers, attends with the top layer's state, and mixes state and context into the new attentional vector, from
-which `logits` predicts the next token (optionally through the tied target embeddings).
+which `logits` predicts the next token (optionally through the tied target embeddings). The token's share of
+the first layer's input projection (`token_gates`) does not depend on the recurrence: teacher forcing computes
+it for all target positions in one matmul before the loop, then runs the loop with hand-written backpropagation
+through time (nmt.bptt) for plain cells, or `step` under autograd for layer-normalized ones; search calls `step`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from nmt import bptt
 from nmt.attention import BahdanauAttention
+from nmt.bptt import Packing
 from nmt.config import ModelConfig
-from nmt.rnn import State, hidden_of, make_cell
+from nmt.rnn import GRUCell, LSTMCell, State, hidden_of, make_cell
 
 
 class Decoder(nn.Module):
     def __init__(self, vocab_size: int, memory_size: int, config: ModelConfig, pad_id: int) -> None:
         super().__init__()
         hidden = config.decoder_hidden
+        self.embed_dim = config.embed_dim
         self.att_size = config.embed_dim if config.tie_embeddings else hidden
         self.embed = nn.Embedding(vocab_size, config.embed_dim, padding_idx=pad_id)
         self.dropout = nn.Dropout(config.dropout)
@@ -32,18 +39,61 @@ class Decoder(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.embed.weight
 
-    def step(self, prev_tokens: torch.Tensor, states: list[State], att_vec: torch.Tensor, keys: torch.Tensor,
-             memory: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, list[State], torch.Tensor]:
-        """prev_tokens [N], states per layer [N, H], att_vec [N, A'] → new att_vec [N, A'], states, weights [N, S]."""
-        x = torch.cat([self.dropout(self.embed(prev_tokens)), att_vec], dim=-1)  # [N, E + A']
+    def first_input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's input projection split into its token-embedding and input-feeding columns."""
+        weight = self.cells[0].input_weight
+        return weight[:, :self.embed_dim], weight[:, self.embed_dim:]
+
+    def token_gates(self, tokens: torch.Tensor, token_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [...] → the first layer's input projection of their (dropped-out) embeddings, bias included
+        [..., G·H]."""
+        token_weight = self.first_input_weights()[0] if token_weight is None else token_weight
+        return F.linear(self.dropout(self.embed(tokens)), token_weight, self.cells[0].input_bias)
+
+    def step(self, token_gates: torch.Tensor, states: list[State], att_vec: torch.Tensor, keys: torch.Tensor,
+             memory: torch.Tensor, src_mask: torch.Tensor,
+             feed_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, list[State], torch.Tensor]:
+        """token_gates [N, G·H] (from `token_gates`), states per layer [N, H], att_vec [N, A'] → new att_vec
+        [N, A'], states, attention weights [N, S]."""
+        feed_weight = self.first_input_weights()[1] if feed_weight is None else feed_weight
+        x = None  # the input of layers above the first
         new_states = []
         for layer, cell in enumerate(self.cells):
-            state = cell(x, states[layer])
+            projected = token_gates + F.linear(att_vec, feed_weight) if layer == 0 else cell.project(x)
+            state = cell.step(projected, states[layer])
             new_states.append(state)
             x = self.dropout(hidden_of(state)) if layer + 1 < len(self.cells) else hidden_of(state)
         context, weights = self.attention(x, keys, memory, src_mask)  # [N, M], [N, S]
         att_vec = torch.tanh(self.att_layer(torch.cat([x, context], dim=-1)))  # [N, A']
         return att_vec, new_states, weights
+
+    def teacher_forced(self, tgt_in: torch.Tensor, packing: Packing, states: list[State], keys: torch.Tensor,
+                       memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """tgt_in [B, T] (bos + target) → the attentional vectors of its real positions, packed by `packing`
+        (the target lengths) [R, A']. The first step's attentional vector is zero."""
+        token_weight, feed_weight = self.first_input_weights()
+        gates = self.token_gates(packing.pack(tgt_in), token_weight)  # [R, G·H]: one matmul for all positions
+        if all(isinstance(cell, (GRUCell, LSTMCell)) for cell in self.cells):
+            lstm = isinstance(self.cells[0], LSTMCell)
+            order = packing.order
+            hidden = torch.stack([hidden_of(s) for s in states]).index_select(1, order)  # [L, B, H], sorted rows
+            cell = torch.stack([s[1] for s in states]).index_select(1, order) if lstm else None
+            weights = [(feed_weight if layer == 0 else c.input_weight, c.weight_hh, c.bias_hh,
+                        None if layer == 0 else c.input_bias) for layer, c in enumerate(self.cells)]
+            plan = packing.plan(lstm, len(self.cells), self.dropout.p if self.training else 0.0)
+            return bptt.teacher_forced(plan, gates, hidden, cell, keys.index_select(0, order),
+                                       memory.index_select(0, order), src_mask.index_select(0, order),
+                                       self.attention.query_layer.weight, self.attention.energy_layer.weight,
+                                       self.att_layer.weight, self.att_layer.bias, weights)
+        # layer-normalized cells: the step under autograd, on the whole batch
+        steps = tgt_in.size(1)
+        gates = packing.unpack(gates, steps)  # [B, T, G·H]
+        att_vec = memory.new_zeros(tgt_in.size(0), self.att_size)
+        att_vecs = []
+        for t in range(steps):
+            att_vec, states, _ = self.step(gates[:, t], states, att_vec, keys, memory, src_mask, feed_weight)
+            att_vecs.append(att_vec)
+        return packing.pack(torch.stack(att_vecs, dim=1))  # [R, A']
 
     def logits(self, att_vec: torch.Tensor) -> torch.Tensor:
         return self.output(self.dropout(att_vec))  # [..., V]

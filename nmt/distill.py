@@ -24,7 +24,7 @@ from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.train import Trainer
 from nmt.translate import Translator
-from nmt.vocab import PAD_ID, Vocab
+from nmt.vocab import Vocab
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
@@ -67,21 +67,16 @@ def translate_shards(translator: Translator, sources: list[str], references: lis
     return targets
 
 
-def word_kd_loss(teacher: Seq2Seq, topk: int):
-    """The Trainer's extra loss: cross-entropy from the teacher's renormalized top-k distribution (teacher
-    forced on the reference) to the student's, averaged over real target tokens."""
+def teacher_soft_targets(teacher: Seq2Seq, topk: int):
+    """The Trainer's soft targets for word-level KD: the teacher's renormalized top-k distribution per target
+    position, teacher forced on the reference: (ids, probabilities) [B, T, k]."""
 
-    def loss(student: torch.nn.Module, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = teacher(batch.src, batch.src_lengths, batch.tgt_in).float()  # [B, T, V]
-            top_logits, top_ids = teacher_logits.topk(topk, dim=-1)  # [B, T, k]
-            top_probs = torch.softmax(top_logits, dim=-1)
-        student_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, top_ids)  # [B, T, k]
-        mask = batch.tgt_out != PAD_ID  # [B, T]
-        per_token = -(top_probs * student_log_probs).sum(-1)  # [B, T]
-        return (per_token * mask).sum() / mask.sum()
+    @torch.no_grad()
+    def soft_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        top_logits, top_ids = teacher.logits(batch.src, batch.src_lengths, batch.tgt_in).float().topk(topk, dim=-1)
+        return top_ids, torch.softmax(top_logits, dim=-1)
 
-    return loss
+    return soft_targets
 
 
 def _teacher(config: Config) -> tuple[Seq2Seq, Vocab, Config, str]:
@@ -123,8 +118,8 @@ def student_trainer(config: Config, resume: bool = False) -> Trainer:
     student_config = dataclasses.replace(config, data=dataclasses.replace(config.data, train=config.distilled_corpus()))
     trainer = Trainer(student_config, resume=resume, vocab=vocab)
     if config.distill.word_kd_weight > 0:
-        trainer.extra_loss = word_kd_loss(teacher.train(False), config.distill.word_kd_topk)
-        trainer.extra_loss_weight = config.distill.word_kd_weight
+        trainer.soft_targets = teacher_soft_targets(teacher.train(False), config.distill.word_kd_topk)
+        trainer.soft_target_weight = config.distill.word_kd_weight
     return trainer
 
 

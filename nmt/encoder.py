@@ -2,17 +2,20 @@
 GRU (or LSTM), concatenated.
 
 The backward RNN reads each sentence reversed within its own length, so padding never enters either
-direction. Training packs the sequences (no work on padding); `packed=False` runs the same weights on the
-padded tensors (the form ONNX export traces); both give the same result. With layer normalization the layers
-are unrolled cell by cell (fused cuDNN RNNs have no layer norm).
+direction. The default path packs the positions (nmt.bptt.Packing: no work on padding), projects every layer's
+inputs in one matmul and runs the recurrence with hand-written backpropagation through time (nmt.bptt);
+`packed=False` runs torch's GRU / LSTM modules, which hold the weights, on the padded tensors (the form ONNX
+export traces); both give the same result. With layer normalization the layers are unrolled cell by cell
+under autograd (fused RNNs have no layer norm).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn import functional as F
 
+from nmt import bptt
 from nmt.config import ModelConfig
 from nmt.rnn import make_cell, reverse_padded, run_cell
 
@@ -39,25 +42,45 @@ class Encoder(nn.Module):
                 packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """src [B, S], src_lengths [B], src_mask [B, S] → memory [B, S, 2H] (zero at padding), final [B, 2H]."""
         x = self.dropout(self.embed(src))  # [B, S, E]
+        if packed and not self.layer_norm:
+            return self._packed(x, src_lengths)
         for depth, (forward_rnn, backward_rnn) in enumerate(self.layers):
             if depth:
                 x = self.dropout(x)
-            out_fw, last_fw = self._run(forward_rnn, x, src_lengths, src_mask, packed)
-            out_bw, last_bw = self._run(backward_rnn, reverse_padded(x, src_lengths), src_lengths, src_mask, packed)
+            out_fw, last_fw = self._run(forward_rnn, x, src_lengths, src_mask)
+            out_bw, last_bw = self._run(backward_rnn, reverse_padded(x, src_lengths), src_lengths, src_mask)
             x = torch.cat([out_fw, reverse_padded(out_bw, src_lengths)], dim=-1)  # [B, S, 2H]
         return x, torch.cat([last_fw, last_bw], dim=-1)  # final: [B, 2H]
 
-    def _run(self, rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor,
-             packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One direction over left-aligned sequences → outputs [B, S, H] (zero at padding), last state [B, H]."""
+    def _packed(self, x: torch.Tensor, src_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers over packed positions; x [B, S, E] → memory [B, S, 2H], final [B, 2H]."""
+        batch, steps = x.shape[:2]
+        packing = bptt.Packing(src_lengths)
+        mirror, last = packing.reversed_positions(), packing.last_positions()  # [R], [B]
+        plan = packing.plan(lstm=isinstance(self.layers[0][0], nn.LSTM))
+        x = packing.pack(x)  # [R, E]
+        for depth, (forward_rnn, backward_rnn) in enumerate(self.layers):
+            if depth:
+                x = self.dropout(x)
+            out_fw = self._recurrence(forward_rnn, plan, x, batch)
+            out_bw = self._recurrence(backward_rnn, plan, x[mirror], batch)  # each sentence read backwards
+            x = torch.cat([out_fw, out_bw[mirror]], dim=-1)  # [R, 2H]
+        final = torch.cat([out_fw[last], out_bw[last]], dim=-1)  # [B, 2H]
+        return packing.unpack(x, steps), final
+
+    @staticmethod
+    def _recurrence(rnn: nn.Module, plan: bptt.Plan, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """One direction over packed inputs [R, I] → hidden states [R, H] (weights of torch's GRU / LSTM)."""
+        zeros = x.new_zeros(batch, rnn.hidden_size)
+        return bptt.recurrence(plan, F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0), zeros, zeros if plan.lstm else None,
+                               rnn.weight_hh_l0, rnn.bias_hh_l0)
+
+    def _run(self, rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor,
+             mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One direction over left-aligned padded sequences → outputs [B, S, H] (zero at padding), last state
+        [B, H]."""
         if self.layer_norm:
             return run_cell(rnn, x, mask)
-        if packed:
-            sequence = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            out, final = rnn(sequence)
-            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
-            h_n = final[0] if isinstance(final, tuple) else final  # [1, B, H]
-            return out, h_n[0]
         out, _ = rnn(x)
         out = out * mask.unsqueeze(-1)
         last = out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.size(-1))).squeeze(1)  # [B, H]

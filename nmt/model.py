@@ -1,8 +1,10 @@
 """model.py — Seq2Seq: the encoder, a bridge to the decoder's initial state, the decoder; init; the DecoderStep.
 
-`forward` is teacher forcing for training; `encode` + `step` implement the `DecoderStep` interface of
-`nmt.search`, so the one search serves this model exactly as it serves exported graphs. `step_tensors` is the
-pure-tensor step that both `step` and the ONNX export use.
+`forward` is teacher forcing for training: it returns the summed loss and NLL of the real target positions
+(nmt.bptt for the loop, nmt.loss for the output layer fused with the loss); `logits` is the plain form, `step`
+after `step`. `encode` + `step`
+implement the `DecoderStep` interface of `nmt.search`, so the one search serves this model exactly as it serves
+exported graphs. `step_tensors` is the pure-tensor step that both `step` and the ONNX export use.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nmt.bptt import Packing
 from nmt.config import ModelConfig
 from nmt.decoder import Decoder
 from nmt.encoder import Encoder
+from nmt.loss import output_loss
 from nmt.search import State
 from nmt.vocab import PAD_ID
 
@@ -78,13 +82,17 @@ class Seq2Seq(nn.Module):
 
     def step_tensors(self, prev_tokens: torch.Tensor, hidden: torch.Tensor, att_vec: torch.Tensor,
                      memory: torch.Tensor, keys: torch.Tensor, src_mask: torch.Tensor,
-                     cell: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """One step for N rows → log_probs [N, V] (float32), hidden [N, L, H], att_vec [N, A'], weights [N, S]
-        (and cell [N, L, H] for LSTMs)."""
+                     cell: torch.Tensor | None = None, log_softmax: bool = True) -> tuple[torch.Tensor, ...]:
+        """One step for N rows → log_probs [N, V] (float32; logits with log_softmax=False), hidden [N, L, H],
+        att_vec [N, A'], weights [N, S] (and cell [N, L, H] for LSTMs)."""
         layers = hidden.unbind(1)
         states = list(zip(layers, cell.unbind(1))) if cell is not None else list(layers)
-        att_vec, states, weights = self.decoder.step(prev_tokens, states, att_vec, keys, memory, src_mask)
-        log_probs = torch.log_softmax(self.decoder.logits(att_vec).float(), dim=-1)  # [N, V]
+        att_vec, states, weights = self.decoder.step(self.decoder.token_gates(prev_tokens), states, att_vec, keys,
+                                                     memory, src_mask)
+        log_probs = self.decoder.logits(att_vec)  # [N, V]
+        log_probs = log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))
+        if log_softmax:
+            log_probs = torch.log_softmax(log_probs, dim=-1)
         if cell is not None:
             return (log_probs, torch.stack([h for h, _ in states], 1), att_vec, weights,
                     torch.stack([c for _, c in states], 1))
@@ -102,13 +110,30 @@ class Seq2Seq(nn.Module):
 
     # --- teacher forcing ------------------------------------------------------------------------------------
 
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: src [B, S], tgt_in [B, T] (bos + target) → logits [B, T, V]."""
+    def logits(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing by `step`, one position at a time: src [B, S], tgt_in [B, T] → logits [B, T, V] (the
+        plain form: word-level distillation's teacher, tests)."""
         memory, keys, src_mask, hidden, att_vec, *cell = self.encode_tensors(src, src_lengths)
+        logits = []
+        for t in range(tgt_in.size(1)):
+            log_probs, hidden, att_vec, _, *cell = self.step_tensors(tgt_in[:, t], hidden, att_vec, memory, keys,
+                                                                     src_mask, *cell, log_softmax=False)
+            logits.append(log_probs)
+        return torch.stack(logits, dim=1)
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
+                label_smoothing: float = 0.0, soft_ids: torch.Tensor | None = None,
+                soft_probs: torch.Tensor | None = None, soft_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing → (loss, nll): the label-smoothed cross-entropy and the NLL summed over the real
+        (non-pad) positions of tgt_out [B, T]; optionally mixed with a soft target per position (soft_ids /
+        soft_probs [B, T, k], word-level distillation) with weight soft_weight. Positions are packed by target
+        length (nmt.bptt.Packing), so padding costs nothing."""
+        packing = Packing((tgt_out != PAD_ID).sum(1))
+        memory, keys, src_mask, hidden, _, *cell = self.encode_tensors(src, src_lengths)
         layers = hidden.unbind(1)
         states = list(zip(layers, cell[0].unbind(1))) if cell else list(layers)
-        att_vecs = []
-        for t in range(tgt_in.size(1)):
-            att_vec, states, _ = self.decoder.step(tgt_in[:, t], states, att_vec, keys, memory, src_mask)
-            att_vecs.append(att_vec)
-        return self.decoder.logits(torch.stack(att_vecs, dim=1))  # [B, T, V]
+        outputs = self.decoder.teacher_forced(tgt_in, packing, states, keys, memory, src_mask)  # [R, A']
+        if soft_ids is not None:
+            soft_ids, soft_probs = packing.pack(soft_ids), packing.pack(soft_probs)
+        return output_loss(self.decoder.dropout(outputs), self.decoder.output, packing.pack(tgt_out),
+                           label_smoothing, soft_ids, soft_probs, soft_weight)

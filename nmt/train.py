@@ -1,6 +1,6 @@
 """train.py — the one training loop (`Trainer`) and `nmt train`.
 
-Adam, label-smoothed cross-entropy over real target tokens, gradient-norm clipping, LR warmup then decay when
+Adam, label-smoothed cross-entropy over real target tokens (fused with the output layer, nmt.loss), gradient-norm clipping, LR warmup then decay when
 validation BLEU stalls, validation (loss + greedy BLEU) every `valid_every` steps, early stopping, atomic
 `best.pt` / `last.pt`, exact `--resume`, AMP and CUDA, DDP under torchrun (one process per device, batches
 sharded by rank). Dropout is seeded from (seed, step, rank), so a resumed run draws the same masks; the
@@ -34,7 +34,7 @@ from nmt.errors import NMTError
 from nmt.evaluate import bleu
 from nmt.model import Seq2Seq
 from nmt.translate import Translator
-from nmt.vocab import PAD_ID, Vocab, train_vocab
+from nmt.vocab import Vocab, train_vocab
 
 log = logging.getLogger("nmt.train")
 
@@ -78,17 +78,6 @@ class Progress:
     bad_validations: int = 0
 
 
-def sequence_loss(logits: torch.Tensor, target: torch.Tensor,
-                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed cross-entropy and summed NLL over non-pad targets. logits [B, T, V], target [B, T]."""
-    flat_logits, flat_target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)
-    loss = nn.functional.cross_entropy(flat_logits, flat_target, ignore_index=PAD_ID,
-                                       label_smoothing=label_smoothing, reduction="sum")
-    with torch.no_grad():
-        nll = nn.functional.cross_entropy(flat_logits, flat_target, ignore_index=PAD_ID, reduction="sum")
-    return loss, nll
-
-
 def _distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); initializes the process group when run under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -109,9 +98,10 @@ def _device(name: str, local_rank: int) -> torch.device:
 
 
 class Trainer:
-    # Word-level distillation's hook: an extra loss from (model, batch, logits), mixed in with this weight.
-    extra_loss: Callable[[nn.Module, Batch, torch.Tensor], torch.Tensor] | None = None
-    extra_loss_weight: float = 0.0
+    # Word-level distillation's hook: a sparse soft target per target position, (ids, probabilities) [B, T, k]
+    # for a batch, mixed into the loss's target distribution with this weight.
+    soft_targets: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]] | None = None
+    soft_target_weight: float = 0.0
 
     def __init__(self, config: Config, resume: bool = False, quiet: bool = False, vocab: Vocab | None = None) -> None:
         self.config, self.cfg = config, config.train
@@ -133,7 +123,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
         torch.manual_seed(self.cfg.seed)
-        self.vocab = self._vocabulary(vocab)
+        self.vocab = self._vocabulary(vocab, resume)
         self.train_data, self.dev_table = self._datasets()
         self.model = Seq2Seq(config.model, self.vocab.src_size, self.vocab.tgt_size).to(self.device)
         if self.cfg.init_from and not resume:
@@ -143,7 +133,9 @@ class Trainer:
         if self.world > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # fused: one kernel for all parameters (CPU and CUDA), 5x faster than the per-tensor loop on one CPU thread
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                          fused=True)
         self.schedule = LRSchedule(self.cfg.lr, self.cfg.warmup_steps, self.cfg.lr_decay, self.cfg.lr_patience)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp or "")
         fp16_on_cuda = self.amp_dtype == torch.float16 and self.device.type == "cuda"
@@ -181,15 +173,22 @@ class Trainer:
         if not self.quiet:
             tqdm.write(message, file=sys.stderr)
 
-    def _vocabulary(self, given: Vocab | None) -> Vocab:
+    def _vocabulary(self, given: Vocab | None, resume: bool) -> Vocab:
         """Save the given vocabulary (a student shares its teacher's) or train one, once, on rank 0, in the run
-        folder; other ranks and resumed runs load it from there."""
+        folder, restricting the output to the training targets' pieces (vocab.output: target) unless it has an
+        output map already; other ranks and resumed runs load it from there."""
         vocab_dir = self.run_dir / "vocab"
-        if self.rank == 0 and not any(vocab_dir.glob("spm*.model")):
-            if given is None:
+        if self.rank == 0 and not resume:
+            # a model already in the folder was placed there for this run (e.g. one shared with a peer toolkit)
+            vocab = Vocab.load(vocab_dir) if any(vocab_dir.glob("spm*.model")) else given
+            table = None
+            if vocab is None:
                 table = load_parallel(self.config.data.train)
-                given = train_vocab(self.config.vocab, table["src"], table["tgt"])
-            given.save(vocab_dir)
+                vocab = train_vocab(self.config.vocab, table["src"], table["tgt"])
+            if self.config.vocab.output == "target" and vocab.output_ids is None:
+                table = table if table is not None else load_parallel(self.config.data.train)
+                vocab = vocab.restricted_to(vocab.encode_tgt([line.strip() for line in table["tgt"]]))
+            vocab.save(vocab_dir)
         if self.world > 1:
             dist.barrier()
         return Vocab.load(vocab_dir)
@@ -245,13 +244,11 @@ class Trainer:
             group["lr"] = self.schedule.lr(self.progress.step)
         batch = batch.to(self.device)
         tokens = batch.n_tgt_tokens
+        soft = self.soft_targets(batch) if self.soft_targets is not None else (None, None)
         with self._autocast():
-            logits = self.ddp_model(batch.src, batch.src_lengths, batch.tgt_in)
-        loss, nll = sequence_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
+            loss, nll = self.ddp_model(batch.src, batch.src_lengths, batch.tgt_in, batch.tgt_out,
+                                       self.cfg.label_smoothing, *soft, self.soft_target_weight)
         loss = loss / tokens
-        if self.extra_loss is not None:
-            weight = self.extra_loss_weight
-            loss = (1 - weight) * loss + weight * self.extra_loss(self.model, batch, logits)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.clip_norm > 0:
@@ -276,8 +273,7 @@ class Trainer:
             batch = Batch.from_ids([s[: self.config.decode.max_input_len - 1] for s, _ in chunk],
                                    [r for _, r in chunk]).to(self.device)
             with self._autocast():
-                logits = self.model(batch.src, batch.src_lengths, batch.tgt_in)
-            total += float(sequence_loss(logits, batch.tgt_out, 0.0)[1])
+                total += float(self.model(batch.src, batch.src_lengths, batch.tgt_in, batch.tgt_out)[1])
             count += batch.n_tgt_tokens
         return total / max(count, 1), bleu(hyps, refs)
 

@@ -137,6 +137,28 @@ def test_vocab_reserves_special_ids_and_round_trips(tmp_path, toy_corpus):
         Vocab.load(tmp_path)
 
 
+def test_an_output_map_restricts_target_ids_to_the_training_targets_pieces(tmp_path):
+    src = ["uno dos tres", "cuatro cinco"]
+    tgt = ["one two three", "four five"]
+    full = train_vocab(VocabConfig(size=60), src, tgt)
+    restricted = full.restricted_to(full.encode_tgt(tgt))
+    seen = {i for ids in full.encode_tgt(tgt) for i in ids}
+    assert restricted.output_ids[:4] == (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+    assert set(restricted.output_ids[4:]) == seen and restricted.tgt_size == len(seen) + 4 < full.tgt_size
+    assert restricted.src_size == full.src_size  # the source side keeps every piece
+    ids = restricted.encode_tgt(["one five"])[0]
+    assert max(ids) < restricted.tgt_size and restricted.decode_tgt(ids + [EOS_ID]) == "one five"
+    assert restricted.tgt_pieces(ids) == full.tgt_pieces(full.encode_tgt(["one five"])[0])
+    assert UNK_ID in restricted.encode_tgt(["dos"])[0]  # a piece never seen on the target side
+    restricted.save(tmp_path / "v")
+    for copy in (Vocab.load(tmp_path / "v"), Vocab.from_state(restricted.to_state())):
+        assert copy.output_ids == restricted.output_ids and copy.encode_tgt(["one five"])[0] == ids
+    assert full.fingerprint() != restricted.fingerprint()
+    (tmp_path / "v" / "output_ids.json").write_text('{"sentencepiece_ids": [0, 1, 2]}')
+    with pytest.raises(NMTError, match="output map"):
+        Vocab.load(tmp_path / "v")
+
+
 def test_config_overrides_types_and_relative_paths(tmp_path, toy_corpus):
     (tmp_path / "corpus").symlink_to(toy_corpus)
     (tmp_path / "c.yaml").write_text("data:\n  train: {src: corpus/train.src, tgt: corpus/train.tgt}\n"
@@ -165,8 +187,8 @@ def test_padding_does_not_change_a_sentence_s_encoding_or_decoding():
         assert torch.allclose(a[3][0], b[3][0], atol=1e-6)  # initial decoder state
         assert not b[2][0, 5:].any()  # mask is False on padding
         tgt = torch.tensor([[BOS_ID, 5, 6]])
-        logits_alone = model(alone, alone_len, tgt)
-        logits_batch = model(batch, batch_len, torch.cat([tgt, tgt]))
+        logits_alone = model.logits(alone, alone_len, tgt)
+        logits_batch = model.logits(batch, batch_len, torch.cat([tgt, tgt]))
         assert torch.allclose(logits_alone[0], logits_batch[0], atol=1e-5)
 
 

@@ -114,8 +114,8 @@ def test_export_refuses_layer_norm_models_and_bad_paths(tmp_path, toy_run):
         read_model_json(tmp_path)
     payload = torch.load(toy_run / "checkpoints" / "best.pt", weights_only=True)
     payload["config"]["model"]["layer_norm"] = True
-    vocab_size = payload["model"]["encoder.embed.weight"].shape[0]
-    payload["model"] = Seq2Seq(ModelConfig(**payload["config"]["model"]), vocab_size, vocab_size).state_dict()
+    sizes = [payload["model"][f"{side}.embed.weight"].shape[0] for side in ("encoder", "decoder")]
+    payload["model"] = Seq2Seq(ModelConfig(**payload["config"]["model"]), *sizes).state_dict()
     torch.save(payload, tmp_path / "ln.pt")
     with pytest.raises(NMTError, match="layer-normalized"):
         run_export(str(tmp_path / "ln.pt"), str(tmp_path / "out"))

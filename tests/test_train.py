@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,8 +19,9 @@ from conftest import toy_config
 from nmt.checkpoint import load_checkpoint, load_model
 from nmt.errors import NMTError
 from nmt.evaluate import bleu
-from nmt.train import LRSchedule, Trainer, sequence_loss
+from nmt.train import LRSchedule, Trainer
 from nmt.translate import Translator
+from nmt.vocab import PAD_ID, UNK_ID
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,16 +139,75 @@ def test_lr_schedule_warms_up_then_decays_on_plateau():
     assert restored.lr(10) == 0.5 and restored.best == 10
 
 
-def test_label_smoothed_loss_ignores_padding():
-    logits = torch.randn(2, 3, 5)
-    target = torch.tensor([[4, 2, 0], [3, 0, 0]])
-    loss, nll = sequence_loss(logits, target, 0.1)
-    loss_more_pad, nll_more_pad = sequence_loss(torch.cat([logits, torch.randn(2, 2, 5)], 1),
-                                                torch.cat([target, torch.zeros(2, 2, dtype=torch.long)], 1), 0.1)
-    assert torch.allclose(loss, loss_more_pad) and torch.allclose(nll, nll_more_pad)
-    assert loss > nll * 0  # smoothing adds a positive term
-    plain = torch.nn.functional.cross_entropy(logits.view(-1, 5), target.view(-1), ignore_index=0, reduction="sum")
-    assert torch.allclose(nll, plain)
+def _plain_loss_and_gradients(model, batch, label_smoothing):
+    """The step as written before any rewrite: the search's `step` one position at a time under autograd (token
+    embedding and input projection per step, padding included), two cross-entropies over all [B·T, V] logits."""
+    flat = model.logits(batch.src, batch.src_lengths, batch.tgt_in).reshape(-1, model.tgt_vocab_size)
+    target = batch.tgt_out.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(flat, target, ignore_index=PAD_ID, label_smoothing=label_smoothing,
+                                             reduction="sum")
+    nll = torch.nn.functional.cross_entropy(flat, target, ignore_index=PAD_ID, reduction="sum")
+    model.zero_grad()
+    (loss / batch.n_tgt_tokens).backward()
+    return loss.item(), nll.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model", [{}, {"rnn_type": "lstm"}, {"layer_norm": True},
+                                   {"tie_embeddings": True, "encoder_layers": 2, "decoder_layers": 2}])
+def test_the_training_step_gives_the_plain_step_s_loss_and_gradients(toy_corpus, tmp_path, model):
+    trainer = Trainer(toy_config(toy_corpus, tmp_path / "run", model=model, train={"label_smoothing": 0.1}),
+                      quiet=True)
+    trainer.model.double()  # float64: the comparison is of the two computations, not of rounding
+    batch = trainer.train_data.batch(list(range(16)))  # pairs in corpus order: of several lengths
+    assert (batch.tgt_out == PAD_ID).any()  # padding is part of what is compared
+    plain_loss, plain_nll, plain_grads = _plain_loss_and_gradients(trainer.model, batch, 0.1)
+    with torch.no_grad():
+        loss, nll = trainer.model(batch.src, batch.src_lengths, batch.tgt_in, batch.tgt_out, 0.1)
+    assert loss.item() == pytest.approx(plain_loss, rel=1e-9) and nll.item() == pytest.approx(plain_nll, rel=1e-9)
+    trainer.cfg = dataclasses.replace(trainer.cfg, clip_norm=0.0)
+    mean_nll, tokens = trainer.step(batch)
+    assert tokens == batch.n_tgt_tokens
+    assert mean_nll == pytest.approx(plain_nll / tokens, rel=1e-9)
+    for name, param in trainer.model.named_parameters():
+        scale = plain_grads[name].abs().max().clamp(min=1e-300)
+        assert (param.grad - plain_grads[name]).abs().max() <= 1e-9 * scale, name
+
+
+def test_the_decoder_predicts_only_the_training_targets_pieces_unless_told_otherwise(tmp_path):
+    from conftest import write_reversal_corpus
+
+    corpus = write_reversal_corpus(tmp_path / "corpus")
+    for name in ("src", "tgt"):  # the source side has words the target side never has
+        lines = (corpus / f"train.{name}").read_text().splitlines()
+        extra = [" ".join(["xyzzy", "plugh"] * 3)] * 50 if name == "src" else lines[:50]
+        (corpus / f"train.{name}").write_text("\n".join(lines + extra) + "\n")
+    restricted = Trainer(toy_config(corpus, tmp_path / "target", vocab={"size": 24},
+                                    train={"max_steps": 4, "valid_every": 4}), quiet=True)
+    full = Trainer(toy_config(corpus, tmp_path / "full", vocab={"size": 24, "output": "full"}), quiet=True)
+    assert full.vocab.output_ids is None and full.model.tgt_vocab_size == full.vocab.src_size
+    assert restricted.model.tgt_vocab_size == restricted.vocab.tgt_size < full.model.tgt_vocab_size
+    assert restricted.model.src_vocab_size == full.model.src_vocab_size
+    pieces = {p for ids in restricted.vocab.encode_tgt((corpus / "train.tgt").read_text().splitlines()) for p in ids}
+    assert UNK_ID not in pieces  # every training target piece is predictable
+    restricted.train()
+    model, vocab, _ = load_model(tmp_path / "target")
+    assert vocab.output_ids == restricted.vocab.output_ids and model.tgt_vocab_size == len(vocab.output_ids)
+
+
+def test_a_checkpoint_from_before_the_rewrites_loads_and_translates_as_it_did(tmp_path):
+    """tests/data/checkpoint-v1: a tiny reversal model saved by the code of 2026-11-28 (torch's GRUCell, no
+    output map) with its translations, scores and forced-decoding scores as that code computed them."""
+    folder = REPO / "tests" / "data" / "checkpoint-v1"
+    expected = json.loads((folder / "expected.json").read_text())
+    model, vocab, config = load_model(folder / "best.pt")
+    assert vocab.output_ids is None and model.tgt_vocab_size == vocab.tgt_size
+    translator = Translator(model, vocab, config.decode)
+    for beam in (1, 3):
+        got = [n[0] for n in translator.translate(expected["src"], beam_size=beam)]
+        assert [t.text for t in got] == [text for text, _ in expected[f"beam{beam}"]]
+        assert [t.score for t in got] == pytest.approx([score for _, score in expected[f"beam{beam}"]], abs=1e-4)
+    targets = [" ".join(reversed(line.split())) for line in expected["src"]]
+    assert translator.score(expected["src"], targets) == pytest.approx(expected["scores"], abs=1e-4)
 
 
 @pytest.mark.parametrize("model", [{"rnn_type": "lstm"}, {"layer_norm": True}, {"tie_embeddings": True, "encoder_layers": 2, "decoder_layers": 2}])
