@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine for this project: the Bible's SWORD modules (Debian packages, when run as root),
+# Sets up a fresh machine for this project: the Bible's SWORD modules and Apertium (Debian packages, as root),
 # a virtual environment in .venv with PyTorch 2.13 and the project installed editable with its extras.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-packages="sword-text-sparv sword-text-web sword-text-kjv"
-if [ ! -d /usr/share/sword/modules/texts/ztext/spaRV1909eb ] || [ ! -d /usr/share/sword/modules/texts/ztext/engWEB2015eb ]; then
+# The Bible's SWORD modules; Apertium (rule-based es→en), the baseline the recipes report beside their models.
+packages="sword-text-sparv sword-text-web sword-text-kjv apertium apertium-eng-spa"
+if [ ! -d /usr/share/sword/modules/texts/ztext/spaRV1909eb ] || [ ! -d /usr/share/sword/modules/texts/ztext/engWEB2015eb ] \
+   || ! command -v apertium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
   else

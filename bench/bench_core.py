@@ -1,7 +1,15 @@
-"""Benchmark of the core: training target tokens/s and decoding sentences/s (greedy, beam 5) for a model size.
+"""Benchmark of the core: training target tokens/s against the one-thread SGEMM roofline, decoding sentences/s.
 
-Not part of the test suite. Uses the prepared Bible corpus when given (`--corpus DIR` with train/dev/test .es/.en),
-otherwise a synthetic Zipfian corpus. Run with the thread count you want to report, e.g.
+Not part of the test suite. Trains a few steps of a model size (or of a config's model, `--config`, e.g. the one
+beside OpenNMT-py in ../shared/peers) on the prepared Bible corpus when given (`--corpus DIR` with
+train/dev/test .es/.en), otherwise on a synthetic Zipfian corpus, and prints
+- training target tokens/s (real target tokens and eos, per second of training steps);
+- the model's matmul FLOPs per target token, forward + backward (3x forward), counted from the shapes of the
+  timed batches (elementwise work not counted);
+- SGEMM GFLOP/s on one thread at the model's own matmul shapes (FLOP-weighted), the roofline tokens/s it allows
+  and the fraction of it reached;
+- greedy and beam-5 sentences/s on the test sentences (`--model` decodes a trained run instead of the untrained
+  model, whose outputs run to the maximum length). Run with the thread count you want to report, e.g.
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_core.py --corpus runs/bible-es-en/corpus
 """
 
@@ -10,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,9 +26,12 @@ from pathlib import Path
 import torch
 
 from nmt.checkpoint import load_model
-from nmt.config import config_from_dict
+from nmt.config import Config, config_from_dict, load_config
+from nmt.data import Batch
+from nmt.model import Seq2Seq
 from nmt.train import Trainer
 from nmt.translate import Translator
+from nmt.vocab import PAD_ID
 
 SIZES = {
     "teacher": {"embed_dim": 256, "encoder_hidden": 256, "decoder_hidden": 512, "attention_dim": 256},
@@ -43,9 +55,107 @@ def synthetic_corpus(folder: Path, pairs: int = 6000, seed: int = 0) -> tuple[st
     return "es", "en"
 
 
+def matmul_shapes(model: Seq2Seq, batch: Batch) -> list[tuple[int, int, int, int, bool]]:
+    """The forward matmuls of a training step on `batch` as (count, M, K, N, per_step): M rows of K inputs to N
+    outputs; per_step: it runs once per time step on that step's rows (about the batch size at a time)."""
+    cfg, dec = model.config, model.decoder
+    src_len = (batch.src != PAD_ID).sum(1)  # pieces + eos
+    tgt_len = (batch.tgt_out != PAD_ID).sum(1)
+    src_tokens, tgt_tokens = int(src_len.sum()), int(tgt_len.sum())
+    attended = int((src_len * tgt_len).sum())  # (target position, source position) pairs
+    gates = 4 if cfg.rnn_type == "lstm" else 3
+    enc, hid, mem = cfg.encoder_hidden, cfg.decoder_hidden, model.encoder.output_size
+    shapes = []
+    for layer in range(cfg.encoder_layers):  # two directions: input projection, recurrence
+        inputs = cfg.embed_dim if layer == 0 else mem
+        shapes += [(2, src_tokens, inputs, gates * enc, False), (2, src_tokens, enc, gates * enc, True)]
+    shapes += [(1, src_tokens, mem, cfg.attention_dim, False),  # keys
+               (1, batch.src.size(0), mem, cfg.decoder_layers * hid, False),  # bridge
+               (1, tgt_tokens, cfg.embed_dim, gates * hid, False),  # the first layer's token gates
+               (1, tgt_tokens, dec.att_size, gates * hid, True)]  # ... and its input feeding
+    for layer in range(cfg.decoder_layers):
+        shapes.append((1, tgt_tokens, hid, gates * hid, True))  # recurrence
+        if layer:
+            shapes.append((1, tgt_tokens, hid, gates * hid, True))  # input of the upper layers
+    shapes += [(1, tgt_tokens, hid, cfg.attention_dim, True),  # query
+               (1, attended, cfg.attention_dim, 1, True), (1, attended, mem, 1, True),  # energies v·u, context
+               (1, tgt_tokens, hid + mem, dec.att_size, True),  # attentional layer
+               (1, tgt_tokens, dec.att_size, model.tgt_vocab_size, False)]  # output layer
+    return shapes
+
+
+def training_flops(model: Seq2Seq, batch: Batch) -> float:
+    """Forward + backward matmul FLOPs of a training step: 3 x the forward's (backward: the input and the weight
+    gradients, each as costly as the forward)."""
+    return 3 * sum(2 * count * m * k * n for count, m, k, n, _ in matmul_shapes(model, batch))
+
+
+def sgemm_gflops(m: int, k: int, n: int, seconds: float = 0.3) -> float:
+    """float32 GFLOP/s of an [m, k] x [k, n] product on the configured threads (best of the runs in `seconds`)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best, began = float("inf"), time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+def roofline_gflops(model: Seq2Seq, batch: Batch) -> float:
+    """SGEMM GFLOP/s at the model's own shapes, FLOP-weighted (the harmonic mean of the rates): each forward
+    product and its two backward ones (input gradient [M, N] x [N, K], weight gradient [K, M] x [M, N]) at its
+    measured rate. Products inside the loops run on one step's rows (the batch size); their weight gradients
+    are one product over all rows (nmt.bptt). The attention's matrix-vector products are memory-bound and
+    left out of the rate (not of the FLOPs)."""
+    seconds = flops = 0.0
+    for count, m, k, n, per_step in matmul_shapes(model, batch):
+        if n == 1:
+            continue
+        rows = batch.src.size(0) if per_step else m
+        for shape in ((rows, k, n), (rows, n, k), (k, m, n)):
+            work = 2 * count * m * k * n
+            seconds += work / (sgemm_gflops(*shape) * 1e9)
+            flops += work
+    return flops / seconds / 1e9
+
+
+def timed_training(trainer: Trainer, steps: int) -> tuple[float, float, Batch]:
+    """(target tokens/s, FLOPs per target token) over `steps` steps after 3 warm-up steps; and a typical batch."""
+    batches = [trainer.train_data.batch(i) for i in trainer.train_data.batcher.epoch(0)[: steps + 3]]
+    for batch in batches[:3]:
+        trainer.step(batch)
+    tokens, flops, began = 0, 0.0, time.perf_counter()
+    for batch in batches[3:]:
+        tokens += trainer.step(batch)[1]
+        flops += training_flops(trainer.model, batch)
+    seconds = time.perf_counter() - began
+    typical = sorted(batches[3:], key=lambda b: b.n_tgt_tokens)[len(batches[3:]) // 2]
+    return tokens / seconds, flops / tokens, typical
+
+
+def bench_config(args: argparse.Namespace, work: Path) -> Config:
+    if args.config:
+        return load_config(args.config, [f"train.out_dir={work / 'run'}", "train.progress=false", *args.set])
+    corpus = Path(args.corpus) if args.corpus else work
+    if not args.corpus:
+        synthetic_corpus(work)
+    split = {s: {"src": str(corpus / f"{s}.es"), "tgt": str(corpus / f"{s}.en")} for s in ("train", "dev", "test")}
+    return config_from_dict({
+        "data": {**split, "max_len": 100}, "vocab": {"size": args.vocab},
+        "model": {**SIZES[args.size], "dropout": 0.2},
+        "train": {"out_dir": str(work / "run"), "batch_tokens": args.batch_tokens, "progress": False,
+                  "amp": args.amp or False},
+        "decode": {"batch_size": 64},
+    })
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", help="folder with train/dev/test.{es,en} (default: synthetic)")
+    parser.add_argument("--config", help="benchmark this training config (its data, vocabulary, model, batches)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="with --config")
+    parser.add_argument("--vocab-from", help="a run folder whose vocab/ the benchmark reuses (no training of one)")
     parser.add_argument("--size", choices=SIZES, default="teacher")
     parser.add_argument("--vocab", type=int, default=16000)
     parser.add_argument("--steps", type=int, default=30, help="timed training steps (after 3 warm-up steps)")
@@ -57,43 +167,38 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_core_"))
-    corpus = Path(args.corpus) if args.corpus else work
-    if not args.corpus:
-        synthetic_corpus(work)
-    split = {s: {"src": str(corpus / f"{s}.es"), "tgt": str(corpus / f"{s}.en")} for s in ("train", "dev", "test")}
-    config = config_from_dict({
-        "data": {**split, "max_len": 100}, "vocab": {"size": args.vocab},
-        "model": {**SIZES[args.size], "dropout": 0.2},
-        "train": {"out_dir": str(work / "run"), "batch_tokens": args.batch_tokens, "progress": False,
-                  "amp": args.amp or False},
-        "decode": {"batch_size": 64},
-    })
+    config = bench_config(args, work)
+    if args.vocab_from:
+        (work / "run" / "vocab").mkdir(parents=True)
+        for file in (Path(args.vocab_from) / "vocab").glob("spm*.model"):
+            (work / "run" / "vocab" / file.name).write_bytes(file.read_bytes())
     trainer = Trainer(config, quiet=True)
-    batches = trainer.train_data.batcher.epoch(0)[: args.steps + 3]
-    for indices in batches[:3]:
-        trainer.step(trainer.train_data.batch(indices))
-    tokens, began = 0, time.perf_counter()
-    for indices in batches[3:]:
-        tokens += trainer.step(trainer.train_data.batch(indices))[1]
-    train_seconds = time.perf_counter() - began
+    tokens_per_s, flops_per_token, batch = timed_training(trainer, args.steps)
+    rate = roofline_gflops(trainer.model, batch)
+    roofline = rate * 1e9 / flops_per_token
 
     model, vocab = trainer.model.eval(), trainer.vocab
     if args.model:
         model, vocab, _ = load_model(args.model)
-    sources = Path(split["test"]["src"]).read_text().splitlines()[: args.sentences]
+    test = config.data.test
+    sources = Path(test.src).read_text(encoding="utf-8").splitlines()[: args.sentences] if test and test.src else []
     translator = Translator(model, vocab, config.decode)
     speeds = {}
     for beam in (1, 5) if sources else ():
-        began = time.perf_counter()
-        translator.translate(sources, beam_size=beam)
-        speeds[f"beam{beam}_sentences_per_s"] = round(len(sources) / (time.perf_counter() - began), 1)
+        runs = []
+        for _ in range(3):
+            began = time.perf_counter()
+            translator.translate(sources, beam_size=beam)
+            runs.append(len(sources) / (time.perf_counter() - began))
+        speeds[f"beam{beam}_sentences_per_s"] = round(statistics.median(runs), 1)
     print(json.dumps({
-        "size": args.size, "parameters": trainer.model.parameter_count(), "vocab": trainer.vocab.tgt_size,
-        "decoded_with": args.model or "the untrained model",
-        "decoded_parameters": model.parameter_count(), "decoded_vocab": vocab.tgt_size,
-        "corpus": args.corpus or "synthetic", "threads": torch.get_num_threads(),
-        "amp": args.amp, "train_target_tokens_per_s": round(tokens / train_seconds),
-        "train_steps_timed": len(batches) - 3,
+        "config": args.config or args.size, "parameters": trainer.model.parameter_count(),
+        "vocab": {"src": trainer.vocab.src_size, "tgt": trainer.vocab.tgt_size}, "threads": torch.get_num_threads(),
+        "amp": config.train.amp, "train_target_tokens_per_s": round(tokens_per_s),
+        "train_steps_timed": args.steps, "mflop_per_target_token": round(flops_per_token / 1e6, 2),
+        "sgemm_gflops_at_model_shapes": round(rate, 1), "roofline_target_tokens_per_s": round(roofline),
+        "fraction_of_roofline": round(tokens_per_s / roofline, 3),
+        "decoded_with": args.model or "the untrained model", "decoded_parameters": model.parameter_count(),
         **speeds, "sentences_decoded": len(sources),
     }, indent=2))
 

@@ -29,7 +29,7 @@ def decode_speed(translator, lines: list[str], beam: int) -> float:
 
 
 def backend_table(run_dir: str, export_dir: str, lines: list[str]) -> list[dict]:
-    from nmt.cli import open_translator
+    from serving.backends import open_translator
     from nmt.translate import Translator
     from serving.backends import open_backend
 
@@ -73,7 +73,7 @@ def server_row(export_dir: str, lines: list[str], requests: int, clients: int) -
     """Serve the ONNX Runtime fp32 backend on loopback and load it with `clients` concurrent clients."""
     import uvicorn
 
-    from nmt.cli import open_translator
+    from serving.backends import open_translator
     from serving.server import Limits, create_app
 
     translator = open_translator(export_dir, "onnxruntime", "cpu")

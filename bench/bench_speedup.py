@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from nmt.cli import open_translator
+from serving.backends import open_translator
 from nmt.data import read_lines
 from nmt.errors import NMTError
 from recipes.runner import timed_translation

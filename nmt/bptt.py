@@ -27,6 +27,8 @@ class Plan:
     lstm: bool = False
     layers: int = 1
     dropout: float = 0.0  # between stacked layers (training only)
+    attentional_tanh: bool = True  # tanh on the attentional layer, else linear
+    feed_dropout: float = 0.0  # dropout on the attentional vector, for both its uses (output and input feeding)
 
     @property
     def offsets(self) -> list[int]:
@@ -52,8 +54,9 @@ class Packing:
         self.step, rank = live.nonzero(as_tuple=True)  # [R]: t-major
         self.row = self.order[rank]  # [R]: the batch row of each packed position
 
-    def plan(self, lstm: bool = False, layers: int = 1, dropout: float = 0.0) -> Plan:
-        return Plan(self.rows, lstm, layers, dropout)
+    def plan(self, lstm: bool = False, layers: int = 1, dropout: float = 0.0, attentional_tanh: bool = True,
+             feed_dropout: float = 0.0) -> Plan:
+        return Plan(self.rows, lstm, layers, dropout, attentional_tanh, feed_dropout)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, ...] → [R, ...]."""
@@ -101,6 +104,29 @@ def _lstm_backward(grad_h: torch.Tensor, grad_c: torch.Tensor, acts: torch.Tenso
     return grad_gates, grad_c * f
 
 
+def _cell_step(lstm: bool, projected: torch.Tensor, recurrent: torch.Tensor, h_prev: torch.Tensor,
+               c_prev: torch.Tensor | None, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One cell update on a step's rows → new h (and c for an LSTM); writes into `acts` [n, 4H] what the backward
+    needs (GRU: reset, update, candidate, W_hn·h + b_hn; LSTM: the gate activations)."""
+    if lstm:
+        h, c, activations = lstm_gates(projected + recurrent, c_prev)
+        acts.copy_(activations)
+        return h, c
+    h, reset, update, candidate = gru_gates(projected, recurrent, h_prev)
+    torch.cat([reset, update, candidate, recurrent.chunk(3, dim=1)[2]], dim=1, out=acts)
+    return h, None
+
+
+def _cell_step_backward(lstm: bool, grad_h: torch.Tensor, grad_c: torch.Tensor | None, acts: torch.Tensor,
+                        h_prev: torch.Tensor, c_prev: torch.Tensor | None, c: torch.Tensor | None):
+    """`_cell_step`'s backward → d(projected input), d(recurrent projection), the part of dh_prev that does not go
+    through W_hh, and dc_prev (LSTM; None for a GRU)."""
+    if lstm:
+        grad_gates, grad_c_prev = _lstm_backward(grad_h, grad_c, acts, c_prev, c)
+        return grad_gates, grad_gates, 0, grad_c_prev
+    return (*_gru_backward(grad_h, acts, h_prev), None)
+
+
 class _Recurrence(torch.autograd.Function):
     """One recurrent layer over packed inputs: projected inputs W_ih·x + b_ih [R, G·H] (t-major, n_t live rows
     per step), initial hidden / cell [B, H] → the hidden state of every live position [R, H]."""
@@ -116,14 +142,12 @@ class _Recurrence(torch.autograd.Function):
         for n, o in zip(plan.rows, plan.offsets):
             span = slice(o, o + n)
             h_in[span] = h_prev = hidden[:n]
-            recurrent = F.linear(h_prev, w_hh, b_hh)
             if plan.lstm:
                 c_in[span] = cell[:n]
-                h, c, acts[span] = lstm_gates(projected[span] + recurrent, cell[:n])
+            h, c = _cell_step(plan.lstm, projected[span], F.linear(h_prev, w_hh, b_hh), h_prev,
+                              cell[:n] if plan.lstm else None, acts[span])
+            if plan.lstm:
                 c_out[span] = cell[:n] = c
-            else:
-                h, reset, update, candidate = gru_gates(projected[span], recurrent, h_prev)
-                torch.cat([reset, update, candidate, recurrent[:, 2 * size:]], dim=1, out=acts[span])
             out[span] = hidden[:n] = h
         ctx.plan, ctx.batch = plan, hidden0.size(0)
         ctx.save_for_backward(h_in, acts, w_hh, *((c_in, c_out) if plan.lstm else ()))
@@ -140,13 +164,13 @@ class _Recurrence(torch.autograd.Function):
         for n, o in zip(reversed(plan.rows), reversed(plan.offsets)):
             span = slice(o, o + n)
             grad_h = grad_out[span] + carry_h[:n]
+            cell_in, cell_out = (cells[0][span], cells[1][span]) if plan.lstm else (None, None)
+            d_projected, d_recurrent, direct, d_cell = _cell_step_backward(
+                plan.lstm, grad_h, carry_c[:n] if plan.lstm else None, acts[span], h_in[span], cell_in, cell_out)
+            grad_projected[span], grad_recurrent[span] = d_projected, d_recurrent
+            carry_h[:n] = d_recurrent @ w_hh + direct
             if plan.lstm:
-                d_gates, carry_c[:n] = _lstm_backward(grad_h, carry_c[:n], acts[span], cells[0][span], cells[1][span])
-                grad_projected[span] = grad_recurrent[span] = d_gates
-                carry_h[:n] = d_gates @ w_hh
-            else:
-                grad_projected[span], grad_recurrent[span], direct = _gru_backward(grad_h, acts[span], h_in[span])
-                carry_h[:n] = grad_recurrent[span] @ w_hh + direct
+                carry_c[:n] = d_cell
         return None, grad_projected, carry_h, carry_c, grad_recurrent.t() @ h_in, grad_recurrent.sum(0)
 
 
@@ -194,6 +218,10 @@ class _TeacherForced(torch.autograd.Function):
         if plan.dropout > 0 and layers > 1:
             keep = 1 - plan.dropout
             masks = [None] + [new(total, size).bernoulli_(keep).div_(keep) for _ in range(1, layers)]
+        feed_mask = None
+        if plan.feed_dropout > 0:
+            keep = 1 - plan.feed_dropout
+            feed_mask = new(total, att_size).bernoulli_(keep).div_(keep)
         att_in = new(total, att_size)  # the attentional vector fed into each step
         alphas = new(total, keys.size(1))
         hidden_att = new(total, keys.size(1), keys.size(-1))  # tanh(q + keys) of every step [R, S, A]
@@ -208,15 +236,12 @@ class _TeacherForced(torch.autograd.Function):
                 h_prev = hidden[l][:n]
                 h_in[l][span] = h_prev
                 projected = torch.addmm(gates0[span], att_vec[:n], w_in.t()) if l == 0 else F.linear(x, w_in, b_in)
-                recurrent = F.linear(h_prev, w_hh, b_hh)
                 if plan.lstm:
                     c_in[l][span] = cell[l][:n]
-                    h, c, activations = lstm_gates(projected + recurrent, cell[l][:n])
-                    acts[l][span] = activations
+                h, c = _cell_step(plan.lstm, projected, F.linear(h_prev, w_hh, b_hh), h_prev,
+                                  cell[l][:n] if plan.lstm else None, acts[l][span])
+                if plan.lstm:
                     c_out[l][span] = cell[l][:n] = c
-                else:
-                    h, reset, update, candidate = gru_gates(projected, recurrent, h_prev)
-                    torch.cat([reset, update, candidate, recurrent[:, 2 * size:]], dim=1, out=acts[l][span])
                 hidden[l][:n] = h
                 if l + 1 < layers:
                     x = h * masks[l + 1][span] if masks[l + 1] is not None else h
@@ -225,12 +250,15 @@ class _TeacherForced(torch.autograd.Function):
             context, alphas[span] = attend(F.linear(h, query_weight), keys[:n], memory[:n], src_mask[:n],
                                            energy_weight, hidden_att[span].unsqueeze(1))
             top_context[span, size:] = context
-            att_out[span] = att_vec[:n] = torch.tanh(torch.addmm(out_bias, top_context[span], out_weight.t()))
+            a = torch.addmm(out_bias, top_context[span], out_weight.t())
+            att_out[span] = a = a.tanh_() if plan.attentional_tanh else a
+            att_vec[:n] = a if feed_mask is None else a * feed_mask[span]
         ctx.plan = plan
         ctx.save_for_backward(keys, memory, query_weight, energy_weight, out_weight, att_in, hidden_att, alphas,
                               top_context, att_out, *h_in, *acts, *(x_in[1:]), *(c_in or []), *(c_out or []),
-                              *[m for m in masks if m is not None], *layer_weights)
-        return att_out
+                              *[m for m in masks if m is not None], *([feed_mask] if feed_mask is not None else []),
+                              *layer_weights)
+        return att_out if feed_mask is None else att_out * feed_mask
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -243,6 +271,7 @@ class _TeacherForced(torch.autograd.Function):
         h_in, acts, x_in = take(layers), take(layers), [None] + take(layers - 1)
         c_in, c_out = (take(layers), take(layers)) if plan.lstm else (None, None)
         masks = [None] + take(layers - 1) if plan.dropout > 0 and layers > 1 else [None] * layers
+        feed_mask = take(1)[0] if plan.feed_dropout > 0 else None
         weights = [rest[4 * l: 4 * l + 4] for l in range(layers)]
         batch, size = keys.size(0), h_in[0].size(1)
         total = att_out.size(0)
@@ -263,8 +292,13 @@ class _TeacherForced(torch.autograd.Function):
         for t in reversed(range(len(rows))):
             n, o = rows[t], offsets[t]
             span = slice(o, o + n)
-            a = att_out[span]
-            g = grad_out_pre[span] = (grad_out[span] + carry_att[:n]) * (1 - a * a)
+            g = grad_out[span] + carry_att[:n]  # both uses of the (dropped-out) attentional vector
+            if feed_mask is not None:
+                g = g * feed_mask[span]
+            if plan.attentional_tanh:
+                a = att_out[span]
+                g = g * (1 - a * a)
+            grad_out_pre[span] = g
             grad_top_context = g @ out_weight  # [n, H + M]
             grad_h = grad_top_context[:, :size]
             grad_context[span] = d_context = grad_top_context[:, size:]
@@ -281,15 +315,14 @@ class _TeacherForced(torch.autograd.Function):
             grad_h = grad_h + d_query @ query_weight + carry_h[layers - 1][:n]
             for l in reversed(range(layers)):
                 w_in, w_hh, _, _ = weights[l]
-                if plan.lstm:
-                    d_gates, carry_c[l][:n] = _lstm_backward(grad_h, carry_c[l][:n], acts[l][span], c_in[l][span],
-                                                             c_out[l][span])
-                    d_projected = d_recurrent = d_gates
-                    direct = 0
-                else:
-                    d_projected, d_recurrent, direct = _gru_backward(grad_h, acts[l][span], h_in[l][span])
+                cell_in, cell_out = (c_in[l][span], c_out[l][span]) if plan.lstm else (None, None)
+                d_projected, d_recurrent, direct, d_cell = _cell_step_backward(
+                    plan.lstm, grad_h, carry_c[l][:n] if plan.lstm else None, acts[l][span], h_in[l][span], cell_in,
+                    cell_out)
                 grad_projected[l][span], grad_recurrent[l][span] = d_projected, d_recurrent
                 carry_h[l][:n] = d_recurrent @ w_hh + direct
+                if plan.lstm:
+                    carry_c[l][:n] = d_cell
                 if l == 0:
                     carry_att[:n] = d_projected @ w_in
                 else:

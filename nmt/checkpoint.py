@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nmt.config import Config, config_from_dict
+from nmt.config import Config, config_from_checkpoint
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.vocab import Vocab
@@ -75,9 +75,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def model_from_payload(payload: dict[str, Any], where: str = "checkpoint") -> tuple[Seq2Seq, Vocab, Config]:
-    config = config_from_dict(payload["config"], check_files=False)
+    config = config_from_checkpoint(payload["config"])
     vocab = Vocab.from_state(payload["vocab"])
-    model = Seq2Seq(config.model, vocab.src_size, vocab.tgt_size)
+    model = Seq2Seq(config.model, vocab.src_size, vocab.tgt_size, vocab.output_ids)
     try:
         model.load_state_dict(payload["model"])
     except (RuntimeError, TypeError, AttributeError) as err:

@@ -22,35 +22,6 @@ class _Parser(argparse.ArgumentParser):
         raise NMTError(f"{message} (see `{self.prog} --help`)")
 
 
-def open_translator(model: str, backend: str = "torch", device: str = "cpu", **decode_overrides):
-    """A Translator over the chosen backend: a run folder / checkpoint for torch, an export folder otherwise."""
-    from nmt.translate import Translator
-
-    if backend == "torch":
-        from nmt.checkpoint import load_model
-
-        _check_device(device)
-        net, vocab, config = load_model(model, device)
-        decode = config.decode
-    else:
-        from serving.backends import open_backend
-
-        net, vocab, decode = open_backend(model, backend, device)
-    overrides = {k: v for k, v in decode_overrides.items() if v is not None}
-    try:
-        decode = dataclasses.replace(decode, **overrides)
-    except TypeError as err:
-        raise NMTError(str(err)) from None
-    return Translator(net, vocab, decode, device)
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NMTError(f"--device {device}: no CUDA device is available here")
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -59,7 +30,8 @@ def _positive(text: str) -> int:
 
 
 def _add_decoding(parser: argparse.ArgumentParser, search: bool = True) -> None:
-    parser.add_argument("--model", required=True, help="run folder or checkpoint (torch), export folder (others)")
+    parser.add_argument("--model", required=True, action="append",
+                        help="run folder or checkpoint (torch), export folder (others); repeat for an ensemble")
     parser.add_argument("--backend", choices=BACKENDS, default="torch")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=_positive, help="sentences decoded together")
@@ -101,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the student's YAML config (distill.teacher names the teacher)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--corpus-only", action="store_true", help="stop after writing the distilled corpus")
+
+    p = sub.add_parser("average", help="average the weights of checkpoints of one model into a checkpoint")
+    p.add_argument("checkpoints", nargs="+", help="run folders (their best.pt) or checkpoint files")
+    p.add_argument("--out", required=True, help="the averaged checkpoint to write")
 
     p = sub.add_parser("export", help="export a model to ONNX (and TensorRT engines)")
     p.add_argument("--model", required=True)
@@ -154,6 +130,8 @@ def dispatch(args: argparse.Namespace) -> None:
         search = {} if command == "score" else dict(
             beam_size=args.beam_size, nbest=args.nbest, length_penalty=args.length_penalty,
             max_len_ratio=args.max_len_ratio, min_len=args.min_len)
+        from serving.backends import open_translator
+
         translator = open_translator(args.model, args.backend, args.device, batch_size=args.batch_size, **search)
         if command == "translate":
             run_translate(translator, args.input, args.output, scores=args.scores)
@@ -167,6 +145,10 @@ def dispatch(args: argparse.Namespace) -> None:
         from nmt.distill import run_distill
 
         run_distill(args.config, overrides=args.set, corpus_only=args.corpus_only)
+    elif command == "average":
+        from nmt.average import run_average
+
+        run_average(args.checkpoints, args.out)
     elif command == "export":
         from serving.export import run_export
 

@@ -59,6 +59,8 @@ def _load_file_pair(spec: CorpusSpec) -> datasets.Dataset:
     src_lines, tgt_lines = check_utf8(spec.src), check_utf8(spec.tgt)
     if src_lines != tgt_lines:
         raise NMTError(f"misaligned corpus: {spec.src} has {src_lines} lines, {spec.tgt} has {tgt_lines}")
+    if src_lines == 0:  # `datasets` cannot build a table from an empty text file
+        return hf().Dataset.from_dict({"src": [], "tgt": []})
     src = _text_file(spec.src).rename_column("text", "src")
     tgt = _text_file(spec.tgt).rename_column("text", "tgt")
     return hf().concatenate_datasets([src, tgt], axis=1)
@@ -149,20 +151,37 @@ def tokenize(table: datasets.Dataset, vocab: Vocab) -> datasets.Dataset:
                      new_fingerprint=_fingerprint(table._fingerprint, vocab_hash, "tokenize-v1"))
 
 
+def rejection(src_len: int, tgt_len: int, config: DataConfig) -> str | None:
+    """Why a training pair of these piece counts is filtered out, or None when it is kept."""
+    if min(src_len, tgt_len) < max(config.min_len, 1):
+        return "an empty side" if min(src_len, tgt_len) == 0 else f"a side shorter than {config.min_len} pieces"
+    if max(src_len, tgt_len) > config.max_len:
+        return f"a side longer than data.max_len ({config.max_len} pieces)"
+    if max(src_len, tgt_len) > config.max_len_ratio * min(src_len, tgt_len):
+        return f"a length ratio above data.max_len_ratio ({config.max_len_ratio:g})"
+    return None
+
+
 def filter_for_training(table: datasets.Dataset, config: DataConfig) -> datasets.Dataset:
-    """Drop pairs with an empty side, too short / too long sides, or a piece-count ratio above the limit."""
+    """Drop pairs with an empty side, too short / too long sides, or a piece-count ratio above the limit; a
+    corpus with no pair left is one NMTError line counting the reasons."""
     lo, hi, ratio = config.min_len, config.max_len, config.max_len_ratio
 
     def keep(batch: dict[str, list]) -> list[bool]:
-        result = []
-        for s, t in zip(batch["src_ids"], batch["tgt_ids"]):
-            ls, lt = len(s), len(t)
-            result.append(ls >= max(lo, 1) and lt >= max(lo, 1) and ls <= hi and lt <= hi
-                          and max(ls, lt) <= ratio * min(ls, lt))
-        return result
+        return [rejection(len(s), len(t), config) is None for s, t in zip(batch["src_ids"], batch["tgt_ids"])]
 
-    return table.filter(keep, batched=True, batch_size=2000,
+    kept = table.filter(keep, batched=True, batch_size=2000,
                         new_fingerprint=_fingerprint(table._fingerprint, str((lo, hi, ratio)), "filter-v1"))
+    if len(kept) == 0:
+        reasons: dict[str, int] = {}
+        for s, t in zip(table["src_ids"], table["tgt_ids"]):
+            reason = rejection(len(s), len(t), config)
+            reasons[reason] = reasons.get(reason, 0) + 1
+        if not reasons:
+            raise NMTError("no training pairs: the training corpus is empty")
+        counts = ", ".join(f"{n:,} with {reason}" for reason, n in sorted(reasons.items(), key=lambda r: -r[1]))
+        raise NMTError(f"no training pairs left after filtering: all {len(table):,} were dropped ({counts})")
+    return kept
 
 
 def pad(sequences: list[list[int]], prefix: int | None = None,
@@ -249,8 +268,6 @@ class TrainingData:
     """The tokenized, filtered training set and its batcher."""
 
     def __init__(self, table: datasets.Dataset, batch_tokens: int, seed: int, rank: int = 0, world_size: int = 1):
-        if len(table) == 0:
-            raise NMTError("no training pairs left after cleaning and length filtering")
         self.table = table
         lengths = table.map(lambda b: {"ls": [len(x) for x in b["src_ids"]], "lt": [len(x) for x in b["tgt_ids"]]},
                             batched=True, remove_columns=table.column_names,

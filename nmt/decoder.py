@@ -18,16 +18,23 @@ from nmt import bptt
 from nmt.attention import BahdanauAttention
 from nmt.bptt import Packing
 from nmt.config import ModelConfig
+from nmt.embedding import SharedEmbedding, TokenEmbedding
 from nmt.rnn import GRUCell, LSTMCell, State, hidden_of, make_cell
 
 
 class Decoder(nn.Module):
-    def __init__(self, vocab_size: int, memory_size: int, config: ModelConfig, pad_id: int) -> None:
+    def __init__(self, vocab_size: int, memory_size: int, config: ModelConfig, pad_id: int,
+                 shared: tuple[TokenEmbedding, torch.Tensor] | None = None) -> None:
+        """`shared`: the encoder's embedding and the piece of each target id, when the two sides share it."""
         super().__init__()
         hidden = config.decoder_hidden
         self.embed_dim = config.embed_dim
         self.att_size = config.embed_dim if config.tie_embeddings else hidden
-        self.embed = nn.Embedding(vocab_size, config.embed_dim, padding_idx=pad_id)
+        self.attentional_tanh, self.feed_dropout = config.attentional_tanh, config.feed_dropout
+        if shared is None:
+            self.embed = TokenEmbedding(vocab_size, config.embed_dim, pad_id, config.dropout, config.target_word_dropout)
+        else:
+            self.embed = SharedEmbedding(*shared, config.dropout, config.target_word_dropout)
         self.dropout = nn.Dropout(config.dropout)
         self.cells = nn.ModuleList(
             make_cell(config.rnn_type, config.embed_dim + self.att_size if layer == 0 else hidden, hidden,
@@ -35,9 +42,18 @@ class Decoder(nn.Module):
             for layer in range(config.decoder_layers))
         self.attention = BahdanauAttention(hidden, memory_size, config.attention_dim)
         self.att_layer = nn.Linear(hidden + memory_size, self.att_size)
-        self.output = nn.Linear(self.att_size, vocab_size)
-        if config.tie_embeddings:
-            self.output.weight = self.embed.weight
+        if config.tie_embeddings and shared is not None:  # three-way: the output weight is the shared matrix too
+            self.output_bias = nn.Parameter(torch.zeros(vocab_size))
+        else:
+            self.output = nn.Linear(self.att_size, vocab_size)
+            if config.tie_embeddings:
+                self.output.weight = self.embed.weight
+
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output layer's weight [V, A'] and bias [V]."""
+        if hasattr(self, "output_bias"):
+            return self.embed.weight, self.output_bias
+        return self.output.weight, self.output.bias
 
     def first_input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first layer's input projection split into its token-embedding and input-feeding columns."""
@@ -48,7 +64,7 @@ class Decoder(nn.Module):
         """tokens [...] → the first layer's input projection of their (dropped-out) embeddings, bias included
         [..., G·H]."""
         token_weight = self.first_input_weights()[0] if token_weight is None else token_weight
-        return F.linear(self.dropout(self.embed(tokens)), token_weight, self.cells[0].input_bias)
+        return F.linear(self.embed(tokens), token_weight, self.cells[0].input_bias)
 
     def step(self, token_gates: torch.Tensor, states: list[State], att_vec: torch.Tensor, keys: torch.Tensor,
              memory: torch.Tensor, src_mask: torch.Tensor,
@@ -64,13 +80,14 @@ class Decoder(nn.Module):
             new_states.append(state)
             x = self.dropout(hidden_of(state)) if layer + 1 < len(self.cells) else hidden_of(state)
         context, weights = self.attention(x, keys, memory, src_mask)  # [N, M], [N, S]
-        att_vec = torch.tanh(self.att_layer(torch.cat([x, context], dim=-1)))  # [N, A']
-        return att_vec, new_states, weights
+        att_vec = self.att_layer(torch.cat([x, context], dim=-1))  # [N, A']
+        return torch.tanh(att_vec) if self.attentional_tanh else att_vec, new_states, weights
 
     def teacher_forced(self, tgt_in: torch.Tensor, packing: Packing, states: list[State], keys: torch.Tensor,
                        memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """tgt_in [B, T] (bos + target) → the attentional vectors of its real positions, packed by `packing`
-        (the target lengths) [R, A']. The first step's attentional vector is zero."""
+        (the target lengths), dropped out as the output layer reads them [R, A']. The first step's attentional
+        vector is zero; with feed_dropout the next step is fed the same dropped-out vector."""
         token_weight, feed_weight = self.first_input_weights()
         gates = self.token_gates(packing.pack(tgt_in), token_weight)  # [R, G·H]: one matmul for all positions
         if all(isinstance(cell, (GRUCell, LSTMCell)) for cell in self.cells):
@@ -80,11 +97,13 @@ class Decoder(nn.Module):
             cell = torch.stack([s[1] for s in states]).index_select(1, order) if lstm else None
             weights = [(feed_weight if layer == 0 else c.input_weight, c.weight_hh, c.bias_hh,
                         None if layer == 0 else c.input_bias) for layer, c in enumerate(self.cells)]
-            plan = packing.plan(lstm, len(self.cells), self.dropout.p if self.training else 0.0)
-            return bptt.teacher_forced(plan, gates, hidden, cell, keys.index_select(0, order),
-                                       memory.index_select(0, order), src_mask.index_select(0, order),
-                                       self.attention.query_layer.weight, self.attention.energy_layer.weight,
-                                       self.att_layer.weight, self.att_layer.bias, weights)
+            p = self.dropout.p if self.training else 0.0
+            plan = packing.plan(lstm, len(self.cells), p, self.attentional_tanh, p if self.feed_dropout else 0.0)
+            outputs = bptt.teacher_forced(plan, gates, hidden, cell, keys.index_select(0, order),
+                                          memory.index_select(0, order), src_mask.index_select(0, order),
+                                          self.attention.query_layer.weight, self.attention.energy_layer.weight,
+                                          self.att_layer.weight, self.att_layer.bias, weights)
+            return outputs if self.feed_dropout else self.dropout(outputs)
         # layer-normalized cells: the step under autograd, on the whole batch
         steps = tgt_in.size(1)
         gates = packing.unpack(gates, steps)  # [B, T, G·H]
@@ -92,8 +111,11 @@ class Decoder(nn.Module):
         att_vecs = []
         for t in range(steps):
             att_vec, states, _ = self.step(gates[:, t], states, att_vec, keys, memory, src_mask, feed_weight)
+            if self.feed_dropout:
+                att_vec = self.dropout(att_vec)
             att_vecs.append(att_vec)
-        return packing.pack(torch.stack(att_vecs, dim=1))  # [R, A']
+        outputs = packing.pack(torch.stack(att_vecs, dim=1))  # [R, A']
+        return outputs if self.feed_dropout else self.dropout(outputs)
 
     def logits(self, att_vec: torch.Tensor) -> torch.Tensor:
-        return self.output(self.dropout(att_vec))  # [..., V]
+        return F.linear(self.dropout(att_vec), *self.output_layer())  # [..., V]

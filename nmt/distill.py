@@ -17,11 +17,14 @@ from typing import Any
 import sacrebleu
 import torch
 
+from nmt import parallel
 from nmt.checkpoint import load_model
 from nmt.config import Config, load_config
 from nmt.data import Batch, load_parallel, write_atomic
+from nmt.ensemble import combine
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
+from nmt.search import DecoderStep
 from nmt.train import Trainer
 from nmt.translate import Translator
 from nmt.vocab import Vocab
@@ -40,31 +43,38 @@ def _closest_to_reference(candidates: list[str], reference: str) -> str:
 def translate_shards(translator: Translator, sources: list[str], references: list[str], folder: Path,
                      config: Config, log=print) -> list[str]:
     """Translate `sources` shard by shard into `folder/shard-NNNNN.txt`, skipping shards already written;
-    returns the distilled targets, one per source line."""
+    returns the distilled targets, one per source line. Under torchrun each rank translates a contiguous share
+    of the shards, then every rank reads them all in order."""
     d = config.distill
+    ranks = parallel.ranks()
     folder.mkdir(parents=True, exist_ok=True)
     nbest = d.nbest if d.seq_inter else 1
-    targets: list[str] = []
-    for number, start in enumerate(range(0, len(sources), d.shard_size)):
+    starts = range(0, len(sources), d.shard_size)
+
+    def written(number: int) -> list[str] | None:
         shard = folder / f"shard-{number:05d}.txt"
-        chunk = sources[start: start + d.shard_size]
         if shard.is_file():
             lines = shard.read_text(encoding="utf-8").split("\n")[:-1]
-            if len(lines) == len(chunk):
-                targets.extend(lines)
-                continue
-        began = time.time()
+            if len(lines) == len(sources[starts[number]: starts[number] + d.shard_size]):
+                return lines
+        return None
+
+    for number in ranks.share(len(starts)):
+        if written(number) is not None:
+            continue
+        start, began = starts[number], time.time()
+        chunk = sources[start: start + d.shard_size]
         results = translator.translate(chunk, beam_size=d.beam_size, nbest=nbest)
         if d.seq_inter:
             lines = [_closest_to_reference([t.text for t in n], ref)
                      for n, ref in zip(results, references[start: start + d.shard_size])]
         else:
             lines = [n[0].text for n in results]
-        _write_lines(shard, lines)
-        targets.extend(lines)
+        _write_lines(folder / f"shard-{number:05d}.txt", lines)
         log(f"distill: shard {number} ({len(chunk)} lines) in {time.time() - began:.1f} s "
             f"({len(chunk) / max(time.time() - began, 1e-9):.1f} sentences/s)")
-    return targets
+    ranks.barrier()
+    return [line for number in range(len(starts)) for line in written(number)]
 
 
 def teacher_soft_targets(teacher: Seq2Seq, topk: int):
@@ -79,19 +89,30 @@ def teacher_soft_targets(teacher: Seq2Seq, topk: int):
     return soft_targets
 
 
-def _teacher(config: Config) -> tuple[Seq2Seq, Vocab, Config, str]:
+def _teacher(config: Config) -> tuple[Seq2Seq, Vocab, Config, torch.device]:
     """The teacher that config.distill names: model, vocabulary, config, and the device it was loaded on."""
     if not config.distill.teacher:
         raise NMTError("distill.teacher: name the teacher's run folder or checkpoint")
-    device = config.train.device if config.train.device != "cuda" else "cuda:0"
+    device = parallel.device_for(config.train.device, parallel.ranks().local_rank, "train.device",
+                                 "use --set train.device=cpu")
     return (*load_model(config.distill.teacher, device), device)
+
+
+def _teachers(config: Config) -> tuple[DecoderStep, Vocab, Config, torch.device]:
+    """The teacher, or the ensemble of it and distill.ensemble's models (the first one's decode settings)."""
+    teacher, vocab, teacher_config, device = _teacher(config)
+    members = [("distill.teacher", teacher, vocab)]
+    for path in config.distill.ensemble:
+        model, other, _ = load_model(path, device)
+        members.append((f"distill.ensemble {path}", model, other))
+    return (*combine(members), teacher_config, device)
 
 
 def distill_corpus(config: Config) -> dict[str, Any]:
     """Translate the training source with the teacher (resumable shards) and write the distilled corpus."""
     if config.data.train is None:
         raise NMTError("data.train: the training corpus to distil is needed")
-    teacher, vocab, teacher_config, device = _teacher(config)
+    teacher, vocab, teacher_config, device = _teachers(config)
     files = config.distilled_corpus()
     folder = Path(files.src).parent
     table = load_parallel(config.data.train)
@@ -99,15 +120,18 @@ def distill_corpus(config: Config) -> dict[str, Any]:
     began = time.time()
     translator = Translator(teacher, vocab, teacher_config.decode, device)
     targets = translate_shards(translator, sources, references, folder / "shards", config)
-    seconds = time.time() - began
-    src_lines, tgt_lines = list(sources), list(targets)
-    if config.distill.keep_original:
-        src_lines += sources
-        tgt_lines += references
-    _write_lines(Path(files.src), [s.replace("\n", " ") for s in src_lines])
-    _write_lines(Path(files.tgt), tgt_lines)
-    summary = {"distilled_pairs": len(src_lines), "teacher": config.distill.teacher, "translate_s": round(seconds, 1)}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = {"distilled_pairs": len(sources) * (2 if config.distill.keep_original else 1),
+               "teacher": config.distill.teacher, "translate_s": round(time.time() - began, 1)}
+    ranks = parallel.ranks()
+    if ranks.rank == 0:  # the others wait for the corpus at the barrier
+        src_lines, tgt_lines = list(sources), list(targets)
+        if config.distill.keep_original:
+            src_lines += sources
+            tgt_lines += references
+        _write_lines(Path(files.src), [s.replace("\n", " ") for s in src_lines])
+        _write_lines(Path(files.tgt), tgt_lines)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    ranks.barrier()
     return summary
 
 
@@ -127,8 +151,11 @@ def run_distill(config_path: str | None = None, overrides: list[str] | tuple[str
                 corpus_only: bool = False, config: Config | None = None) -> dict[str, Any]:
     """`nmt distill`: write the distilled corpus, then train the student on it (resuming if it was stopped)."""
     config = config or load_config(config_path, overrides)
-    summary: dict[str, Any] = distill_corpus(config)
-    if not corpus_only:
-        resume = (Path(config.train.out_dir) / "checkpoints" / "last.pt").is_file()
-        summary["student"] = student_trainer(config, resume).train()
-    return summary
+    try:
+        summary: dict[str, Any] = distill_corpus(config)
+        if not corpus_only:
+            resume = (Path(config.train.out_dir) / "checkpoints" / "last.pt").is_file()
+            summary["student"] = student_trainer(config, resume).train()
+        return summary
+    finally:
+        parallel.finish()

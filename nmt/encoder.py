@@ -17,13 +17,14 @@ from torch.nn import functional as F
 
 from nmt import bptt
 from nmt.config import ModelConfig
+from nmt.embedding import TokenEmbedding
 from nmt.rnn import make_cell, reverse_padded, run_cell
 
 
 class Encoder(nn.Module):
     def __init__(self, vocab_size: int, config: ModelConfig, pad_id: int) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, config.embed_dim, padding_idx=pad_id)
+        self.embed = TokenEmbedding(vocab_size, config.embed_dim, pad_id, config.dropout, config.source_word_dropout)
         self.dropout = nn.Dropout(config.dropout)
         self.layer_norm = config.layer_norm
         self.output_size = 2 * config.encoder_hidden
@@ -41,7 +42,7 @@ class Encoder(nn.Module):
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, src_mask: torch.Tensor,
                 packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """src [B, S], src_lengths [B], src_mask [B, S] → memory [B, S, 2H] (zero at padding), final [B, 2H]."""
-        x = self.dropout(self.embed(src))  # [B, S, E]
+        x = self.embed(src)  # [B, S, E]
         if packed and not self.layer_norm:
             return self._packed(x, src_lengths)
         for depth, (forward_rnn, backward_rnn) in enumerate(self.layers):

@@ -10,7 +10,6 @@ rows; word-level distillation mixes a teacher's sparse distribution into q. Know
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 CHUNK_ELEMENTS = 1 << 23  # logits held at once (rows x V): 32 MB of float32
 
@@ -82,12 +81,13 @@ class _OutputLoss(torch.autograd.Function):
                 (grad_bias * grad_loss).to(bias_dtype), None, None, None, None, None, None)
 
 
-def output_loss(hidden: torch.Tensor, output: nn.Linear, target: torch.Tensor, label_smoothing: float = 0.0,
-                soft_ids: torch.Tensor | None = None, soft_probs: torch.Tensor | None = None,
-                soft_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss and summed NLL of the output layer over rows: hidden [N, D], target [N] (every row real);
+def output_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
+                label_smoothing: float = 0.0, soft_ids: torch.Tensor | None = None,
+                soft_probs: torch.Tensor | None = None, soft_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and summed NLL of the output layer (weight [V, D], bias [V]) over rows: hidden [N, D], target
+    [N] (every row real);
     optionally a sparse soft target per row (soft_ids / soft_probs [N, k], probabilities summing to 1) mixed in
     with weight `soft_weight`. Both sums are float32 (float64 for a float64 model); only the loss has a gradient."""
-    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or output.weight.requires_grad)
-    return _OutputLoss.apply(hidden, output.weight, output.bias, target, float(label_smoothing), soft_ids,
-                             soft_probs, float(soft_weight), with_grad)
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _OutputLoss.apply(hidden, weight, bias, target, float(label_smoothing), soft_ids, soft_probs,
+                             float(soft_weight), with_grad)

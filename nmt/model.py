@@ -9,6 +9,8 @@ exported graphs. `step_tensors` is the pure-tensor step that both `step` and the
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,38 +18,53 @@ from nmt.bptt import Packing
 from nmt.config import ModelConfig
 from nmt.decoder import Decoder
 from nmt.encoder import Encoder
+from nmt.errors import NMTError
 from nmt.loss import output_loss
 from nmt.search import State
 from nmt.vocab import PAD_ID
 
 
 class Seq2Seq(nn.Module):
-    def __init__(self, config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> None:
+    def __init__(self, config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int,
+                 target_pieces: list[int] | tuple[int, ...] | None = None) -> None:
+        """`target_pieces`: the source-side id of each target id (a joint vocabulary's output map), which
+        model.share_embeddings needs when the target ids are not all the pieces."""
         super().__init__()
         self.config = config
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         self.lstm = config.rnn_type == "lstm"
         self.encoder = Encoder(src_vocab_size, config, PAD_ID)
-        self.decoder = Decoder(tgt_vocab_size, self.encoder.output_size, config, PAD_ID)
+        shared = None
+        if config.share_embeddings:
+            if target_pieces is None and tgt_vocab_size != src_vocab_size:
+                raise NMTError("model.share_embeddings needs a joint vocabulary (vocab.joint: true)")
+            rows = torch.tensor(list(target_pieces) if target_pieces is not None else range(tgt_vocab_size))
+            shared = (self.encoder.embed, rows)
+        self.decoder = Decoder(tgt_vocab_size, self.encoder.output_size, config, PAD_ID, shared)
         self.bridge = nn.Linear(self.encoder.output_size, config.decoder_layers * config.decoder_hidden)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier/Glorot for weight matrices (per gate for recurrent weights), zero biases, LSTM forget bias 1."""
+        """Xavier/Glorot for weight matrices, zero biases; recurrent weights and biases U(±1/√H) (torch's
+        default; model.rnn_init: xavier takes Xavier per gate and zero biases instead); LSTM forget bias 1."""
         for name, param in self.named_parameters():
             if "norm" in name:
                 continue  # layer-norm gains stay 1, biases 0
-            if param.dim() == 1:
+            recurrent = any(key in name for key in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            if recurrent and self.config.rnn_init == "uniform":
+                bound = 1.0 / math.sqrt(self.config.decoder_hidden if name.startswith("decoder")
+                                        else self.config.encoder_hidden)
+                nn.init.uniform_(param, -bound, bound)
+            elif param.dim() == 1:
                 nn.init.zeros_(param)
-                if self.lstm and ("bias_hh" in name or "weight_hh.bias" in name):
-                    size = param.numel() // 4
-                    nn.init.ones_(param[size:2 * size])  # gate order i, f, g, o
-            elif "weight_ih" in name or "weight_hh" in name:
-                gates = 4 if self.lstm else 3
-                for chunk in param.data.chunk(gates, dim=0):
+            elif recurrent:
+                for chunk in param.data.chunk(4 if self.lstm else 3, dim=0):
                     nn.init.xavier_uniform_(chunk)
             else:
                 nn.init.xavier_uniform_(param)
+            if self.lstm and recurrent and param.dim() == 1:
+                size = param.numel() // 4  # gate order i, f, g, o: the forget gate starts open
+                nn.init.constant_(param[size:2 * size], 1.0 if "hh" in name else 0.0)
         with torch.no_grad():
             self.encoder.embed.weight[PAD_ID].zero_()
             self.decoder.embed.weight[PAD_ID].zero_()
@@ -65,7 +82,8 @@ class Seq2Seq(nn.Module):
         src_mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)  # [B, S]
         memory, final = self.encoder(src, src_lengths, src_mask, packed)
         keys = self.decoder.attention.project_keys(memory)  # [B, S, A]
-        hidden = torch.tanh(self.bridge(final)).view(src.size(0), self.config.decoder_layers, -1)  # [B, L, H]
+        activation = torch.relu if self.config.bridge == "relu" else torch.tanh
+        hidden = activation(self.bridge(final)).view(src.size(0), self.config.decoder_layers, -1)  # [B, L, H]
         att_vec = memory.new_zeros(src.size(0), self.decoder.att_size)  # [B, A']
         if self.lstm:
             return memory, keys, src_mask, hidden, att_vec, torch.zeros_like(hidden)
@@ -135,5 +153,5 @@ class Seq2Seq(nn.Module):
         outputs = self.decoder.teacher_forced(tgt_in, packing, states, keys, memory, src_mask)  # [R, A']
         if soft_ids is not None:
             soft_ids, soft_probs = packing.pack(soft_ids), packing.pack(soft_probs)
-        return output_loss(self.decoder.dropout(outputs), self.decoder.output, packing.pack(tgt_out),
-                           label_smoothing, soft_ids, soft_probs, soft_weight)
+        return output_loss(outputs, *self.decoder.output_layer(), packing.pack(tgt_out), label_smoothing, soft_ids,
+                           soft_probs, soft_weight)

@@ -65,15 +65,15 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def _mask_log_probs(log_probs: torch.Tensor, step: int, min_len: int, force_eos: torch.Tensor) -> torch.Tensor:
-    """Never pad/bos; no eos before min_len; only eos where force_eos [N] (the output reached its maximum)."""
-    log_probs = log_probs.clone()
+    """Never pad/bos; no eos before min_len; only eos where force_eos [N] (the output reached its maximum).
+    In place: log_probs are the caller's (DecoderStep)."""
     log_probs[:, list(NEVER_GENERATED)] = -math.inf
     if step < min_len:
         log_probs[:, EOS_ID] = -math.inf
     if force_eos.any():
-        eos = log_probs[:, EOS_ID].clone()
+        eos = log_probs[force_eos, EOS_ID]
         log_probs[force_eos] = -math.inf
-        log_probs[force_eos, EOS_ID] = eos[force_eos]
+        log_probs[force_eos, EOS_ID] = eos
     return log_probs
 
 
@@ -89,37 +89,45 @@ def row_max(scores: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch
     return best, best_block * block + within
 
 
+def _hypotheses(tokens: torch.Tensor, lengths: torch.Tensor, scores: torch.Tensor,
+                normalized: torch.Tensor) -> list[list[Hypothesis]]:
+    """Tensors of B sentences' hypotheses [B, H(, L)] → lists; entries of length -1 are absent (one host copy)."""
+    tokens, lengths, scores, normalized = (t.tolist() for t in (tokens, lengths, scores, normalized))
+    return [[Hypothesis(row[:n], s, z) for row, n, s, z in zip(*sentence) if n >= 0]
+            for sentence in zip(tokens, lengths, scores, normalized)]
+
+
 @torch.no_grad()
 def greedy_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor, max_len_ratio: float = 2.0,
                   min_len: int = 0) -> list[Hypothesis]:
     """Pick the most probable token at each step; finished sentences leave the batch."""
-    batch = src.size(0)
+    batch, device = src.size(0), src.device
     max_lens = max_output_lengths(src_lengths, max_len_ratio)  # [B], tokens before eos
+    steps = int(max_lens.max()) + 1
     state = decoder.encode(src, src_lengths)
-    active = torch.arange(batch, device=src.device)  # [B'] original index of each row
-    prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
-    scores = torch.zeros(batch, device=src.device)
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    results: list[Hypothesis | None] = [None] * batch
-    for t in range(int(max_lens.max()) + 1):
+    active = torch.arange(batch, device=device)  # [B'] original index of each row
+    prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, device=device)
+    tokens = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
+    lengths = torch.full((batch,), -1, dtype=torch.long, device=device)  # set when a sentence ends
+    final = torch.zeros(batch, device=device)
+    for t in range(steps):
         log_probs, state = decoder.step(prev, state)
         log_probs = _mask_log_probs(log_probs, t, min_len, max_lens[active] <= t)
         best, prev = row_max(log_probs)  # [B'], [B']
         scores = scores + best
+        tokens[active, t] = prev
         done = prev == EOS_ID
-        for row, (index, token, finished) in enumerate(zip(active.tolist(), prev.tolist(), done.tolist())):
-            if finished:
-                score = float(scores[row])
-                results[index] = Hypothesis(tokens[index], score, score)
-            else:
-                tokens[index].append(token)
-        if done.all():
-            break
         if done.any():
+            lengths[active[done]], final[active[done]] = t, scores[done]
+            if done.all():
+                break
             keep = (~done).nonzero().squeeze(1)
             active, prev, scores = active[keep], prev[keep], scores[keep]
             state = state.select(keep, keep)
-    return results  # type: ignore[return-value]  # every row ends: eos is forced at its maximum length
+    # every row ends: eos is forced at its maximum length
+    return [hyps[0] for hyps in _hypotheses(tokens.unsqueeze(1), lengths.unsqueeze(1), final.unsqueeze(1),
+                                            final.unsqueeze(1))]
 
 
 class _GreedyStep(NamedTuple):
@@ -148,11 +156,135 @@ def _keep_greedy(greedy: _GreedyStep, origin: torch.Tensor, token: torch.Tensor,
     going_on = greedy.on & ~greedy.ends
     missing = going_on & ~match.any(dim=1)
     last = origin.size(1) - 1
-    if missing.any():
-        origin[missing, last] = greedy.beam[missing]
-        token[missing, last] = greedy.token[missing]
-        scores[missing, last] = greedy.score[missing]
+    origin[:, last] = torch.where(missing, greedy.beam, origin[:, last])
+    token[:, last] = torch.where(missing, greedy.token, token[:, last])
+    scores[:, last] = torch.where(missing, greedy.score, scores[:, last])
     return torch.where(going_on, torch.where(missing, last, match.int().argmax(1)), -1)
+
+
+@dataclass
+class _Finished:
+    """The n best finished hypotheses of every sentence (by original index), kept as tensors [B, nbest(, L)]:
+    normalized score (what ranks them), total score, length (-1: none yet) and tokens."""
+
+    normalized: torch.Tensor
+    score: torch.Tensor
+    length: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, nbest: int, steps: int, device: torch.device) -> _Finished:
+        minus_inf = torch.full((batch, nbest), -math.inf, device=device)
+        return cls(minus_inf, minus_inf.clone(), torch.full((batch, nbest), -1, dtype=torch.long, device=device),
+                   torch.full((batch, nbest, steps), PAD_ID, dtype=torch.long, device=device))
+
+    def add(self, active: torch.Tensor, closing: torch.Tensor, score: torch.Tensor, normalized: torch.Tensor,
+            tokens: torch.Tensor) -> None:
+        """Merge new hypotheses of the live sentences: closing / score / normalized [B', C], tokens [B', C, t]
+        (the hypotheses' tokens so far, all of length t)."""
+        length = tokens.size(2)
+        normalized = torch.cat([self.normalized[active], normalized.masked_fill(~closing, -math.inf)], dim=1)
+        candidates = torch.cat([self.length[active], torch.where(closing, length, -1)], dim=1)
+        # keep the best nbest; filled entries before empty ones, earlier before later on equal scores
+        rank = torch.where(candidates >= 0, normalized, -math.inf)
+        order = torch.sort(rank, dim=1, descending=True, stable=True).indices[:, : self.normalized.size(1)]
+        new_tokens = nn.functional.pad(tokens, (0, self.tokens.size(2) - length), value=PAD_ID)
+        all_tokens = torch.cat([self.tokens[active], new_tokens], dim=1)  # [B', nbest + C, L]
+        self.tokens[active] = all_tokens.gather(1, order.unsqueeze(2).expand(-1, -1, all_tokens.size(2)))
+        self.normalized[active] = normalized.gather(1, order)
+        self.score[active] = torch.cat([self.score[active], score], dim=1).gather(1, order)
+        self.length[active] = candidates.gather(1, order)
+
+    def done(self, active: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        """[B']: the sentence has all its finished hypotheses and the last of them scores at least `bound`."""
+        return (self.length[active, -1] >= 0) & (self.normalized[active, -1] >= bound)
+
+    def hypotheses(self) -> list[list[Hypothesis]]:
+        return [ranked or [Hypothesis([], -math.inf, -math.inf)]
+                for ranked in _hypotheses(self.tokens, self.length, self.score, self.normalized)]
+
+
+class _Expansion(NamedTuple):
+    """A step's 2K best continuations of each live sentence [B', 2K], and where the greedy path goes."""
+
+    scores: torch.Tensor
+    origin: torch.Tensor  # the beam (0..K-1) each continues
+    token: torch.Tensor
+    greedy: _GreedyStep
+
+
+@dataclass
+class _Beams:
+    """The K hypotheses of each live sentence: its original index [B'], their scores [B', K], tokens so far
+    [B'·K, t] and last tokens [B'·K], the greedy path's slot [B'] (-1 once it ended), the decoder state."""
+
+    k: int
+    active: torch.Tensor
+    scores: torch.Tensor
+    history: torch.Tensor
+    prev: torch.Tensor
+    greedy_slot: torch.Tensor
+    state: State
+
+    @classmethod
+    def start(cls, state: State, batch: int, k: int, device: torch.device) -> _Beams:
+        scores = torch.full((batch, k), -math.inf, device=device)
+        scores[:, 0] = 0.0  # one live beam per sentence at the start
+        return cls(k, torch.arange(batch, device=device), scores,
+                   torch.full((batch * k, 0), BOS_ID, dtype=torch.long, device=device),
+                   torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device),
+                   state.select(torch.arange(batch, device=device).repeat_interleave(k)))  # [B*K] rows
+
+    def expand(self, log_probs: torch.Tensor) -> _Expansion:
+        """log_probs [B'·K, V] → the 2K best continuations of each sentence, and the greedy path's next step."""
+        live, k, vocab = self.active.size(0), self.k, log_probs.size(-1)
+        log_probs = log_probs.view(live, k, vocab)
+        candidates = (self.scores.unsqueeze(-1) + log_probs).view(live, k * vocab)
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # [B', 2K]
+        greedy = _greedy_step(log_probs, self.scores, self.greedy_slot, torch.arange(live, device=log_probs.device))
+        return _Expansion(top_scores, top_index // vocab, top_index % vocab, greedy)
+
+    def close(self, top: _Expansion, finished: _Finished, t: int, alpha: float) -> None:
+        """Finish hypotheses: eos among the K best continuations with a finite score, and the greedy path's
+        eos when it is not among them."""
+        k, greedy = self.k, top.greedy
+        closing = (top.token[:, :k] == EOS_ID) & (top.scores[:, :k] > -math.inf)  # [B', K]
+        listed = (closing & (top.origin[:, :k] == greedy.beam.unsqueeze(1))).any(dim=1)
+        greedy_closing = (greedy.ends & ~listed).unsqueeze(1)  # [B', 1]
+        if not (bool(closing.any()) or bool(greedy_closing.any())):
+            return
+        scores = torch.cat([top.scores[:, :k], greedy.score.unsqueeze(1)], dim=1)  # [B', K + 1]
+        beams = torch.cat([top.origin[:, :k], greedy.beam.unsqueeze(1)], dim=1)
+        live = torch.arange(self.active.size(0), device=beams.device).unsqueeze(1)
+        tokens = self.history.view(self.active.size(0), k, t)[live, beams]  # [B', K + 1, t]
+        finished.add(self.active, torch.cat([closing, greedy_closing], dim=1), scores,
+                     scores / length_penalty(t + 1, alpha), tokens)
+
+    def advance(self, top: _Expansion) -> None:
+        """Continue the K best non-eos continuations, the greedy path in the last slot if it fell out of them."""
+        scores, position = top.scores.masked_fill(top.token == EOS_ID, -math.inf).topk(self.k, dim=-1)  # [B', K]
+        origin, token = top.origin.gather(1, position), top.token.gather(1, position)
+        self.greedy_slot = _keep_greedy(top.greedy, origin, token, scores)
+        live = torch.arange(self.active.size(0), device=origin.device)
+        rows = (live.unsqueeze(1) * self.k + origin).view(-1)  # [B'·K]
+        self.prev = token.view(-1)
+        self.history = torch.cat([self.history.index_select(0, rows), self.prev.unsqueeze(1)], dim=1)
+        self.scores = scores
+        self.state = self.state.select(rows)
+
+    def done(self, finished: _Finished, t: int, alpha: float) -> torch.Tensor:
+        """[B']: no live beam can beat the sentence's last kept finished hypothesis (or none is finite)."""
+        bound = self.scores.max(dim=1).values / length_penalty(t + 1, alpha)  # [B']
+        return (bound == -math.inf) | finished.done(self.active, bound)
+
+    def retire(self, done: torch.Tensor) -> None:
+        """Drop the sentences that are done (their rows and their part of the state)."""
+        keep = (~done).nonzero().squeeze(1)
+        keep_rows = (keep.unsqueeze(1) * self.k + torch.arange(self.k, device=keep.device)).view(-1)
+        self.active, self.scores, self.greedy_slot = self.active[keep], self.scores[keep], self.greedy_slot[keep]
+        self.prev, self.history = self.prev[keep_rows], self.history[keep_rows]
+        self.state = self.state.select(keep_rows, keep)
 
 
 @torch.no_grad()
@@ -168,73 +300,23 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
     exact without length penalty (scores only fall), the usual heuristic with it; at the maximum length eos
     is forced. Returns the `nbest` best finished hypotheses of each sentence, ranked by score / length penalty.
     """
-    batch, k, device = src.size(0), beam_size, src.device
+    batch, device = src.size(0), src.device
     max_lens = max_output_lengths(src_lengths, max_len_ratio)
-    state = decoder.encode(src, src_lengths)
-    state = state.select(torch.arange(batch, device=device).repeat_interleave(k))  # [B*K] rows
-    active = torch.arange(batch, device=device)  # [B'] original sentence of each live sentence
-    scores = torch.full((batch, k), -math.inf, device=device)
-    scores[:, 0] = 0.0  # one live beam per sentence at the start
-    history = torch.full((batch * k, 0), BOS_ID, dtype=torch.long, device=device)  # [B'*K, t]
-    prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    greedy_slot = torch.zeros(batch, dtype=torch.long, device=device)  # [B'] beam of the greedy path, -1 once ended
-    for t in range(int(max_lens.max()) + 1):
-        live = active.size(0)
-        log_probs, state = decoder.step(prev, state)
-        vocab = log_probs.size(-1)
-        force = (max_lens[active] <= t).repeat_interleave(k)
-        log_probs = _mask_log_probs(log_probs, t, min_len, force)
-        candidates = (scores.unsqueeze(-1) + log_probs.view(live, k, vocab)).view(live, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # [B', 2K]
-        origin, token = top_index // vocab, top_index % vocab  # beam within the sentence, next token
-        is_eos = token == EOS_ID
-
-        sentence = torch.arange(live, device=device)
-        greedy = _greedy_step(log_probs.view(live, k, vocab), scores, greedy_slot, sentence)
-
-        # Close hypotheses: eos among the K best candidates with a finite score, and the greedy path's eos.
-        closing = is_eos & (top_scores > -math.inf)
-        closing[:, k:] = False
-        listed = (closing & (origin == greedy.beam.unsqueeze(1))).any(dim=1)
-        ends = [(s, int(origin[s, c]), float(top_scores[s, c])) for s, c in closing.nonzero().tolist()]
-        ends += [(s, int(greedy.beam[s]), float(greedy.score[s]))
-                 for s in (greedy.ends & ~listed).nonzero().view(-1).tolist()]
-        for s, beam, score in ends:
-            tokens = history[s * k + beam].tolist()
-            finished[int(active[s])].append(Hypothesis(tokens, score, score / length_penalty(len(tokens) + 1, alpha)))
-
-        # Continue the K best non-eos candidates, keeping the greedy path in the last slot if it fell out.
-        cont_scores, cont_pos = top_scores.masked_fill(is_eos, -math.inf).topk(k, dim=-1)  # [B', K]
-        cont_origin, cont_token = origin.gather(1, cont_pos), token.gather(1, cont_pos)
-        greedy_slot = _keep_greedy(greedy, cont_origin, cont_token, cont_scores)
-        rows = (sentence.unsqueeze(1) * k + cont_origin).view(-1)  # [B'*K]
-        prev = cont_token.view(-1)
-        history = torch.cat([history.index_select(0, rows), prev.unsqueeze(1)], dim=1)
-        scores = cont_scores
-        state = state.select(rows)
-
-        # Retire sentences that are done: no live beam can beat their nbest-th finished hypothesis.
-        bound = scores.max(dim=1).values / length_penalty(t + 1, alpha)  # [B']
-        done = []
-        for s, index in enumerate(active.tolist()):
-            ranked = sorted((h.normalized for h in finished[index]), reverse=True)
-            dead = float(bound[s]) == -math.inf  # no live beam has a finite score left
-            done.append(dead or (len(ranked) >= nbest and ranked[nbest - 1] >= float(bound[s])))
-        done_mask = torch.tensor(done, device=device)
-        if done_mask.all():
+    steps = int(max_lens.max()) + 1
+    beams = _Beams.start(decoder.encode(src, src_lengths), batch, beam_size, device)
+    finished = _Finished.empty(batch, nbest, steps, device)
+    for t in range(steps):
+        log_probs, beams.state = decoder.step(beams.prev, beams.state)
+        at_max = (max_lens[beams.active] <= t).repeat_interleave(beam_size)
+        top = beams.expand(_mask_log_probs(log_probs, t, min_len, at_max))
+        beams.close(top, finished, t, alpha)
+        beams.advance(top)
+        done = beams.done(finished, t, alpha)
+        if done.all():
             break
-        if done_mask.any():
-            keep = (~done_mask).nonzero().squeeze(1)
-            keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            active, scores, greedy_slot = active[keep], scores[keep], greedy_slot[keep]
-            prev, history = prev[keep_rows], history[keep_rows]
-            state = state.select(keep_rows, keep)
-    results = []
-    for hyps in finished:
-        ranked = sorted(hyps, key=lambda h: h.normalized, reverse=True)[:nbest]
-        results.append(ranked or [Hypothesis([], -math.inf, -math.inf)])
-    return results
+        if done.any():
+            beams.retire(done)
+    return finished.hypotheses()
 
 
 @torch.no_grad()

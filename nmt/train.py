@@ -10,10 +10,10 @@ data position (epoch, batch) and the optimizer/scheduler states come from `last.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 from tqdm import tqdm
 
+from nmt import parallel
+from nmt.average import ExponentialAverage
 from nmt.checkpoint import load_checkpoint, model_from_payload, resolve_checkpoint, save_checkpoint
-from nmt.config import Config, load_config
+from nmt.config import Config, config_from_checkpoint, load_config
 from nmt.data import Batch, TrainingData, filter_for_training, load_parallel, tokenize
 from nmt.errors import NMTError
 from nmt.evaluate import bleu
@@ -40,15 +41,20 @@ log = logging.getLogger("nmt.train")
 
 
 class LRSchedule:
-    """Linear warmup over `warmup_steps`, then the LR is multiplied by `decay` after `patience` validations
-    without a better BLEU. Plain-number state, so it fits in a weights-only checkpoint."""
+    """Linear warmup over `warmup_steps`; then either the LR is multiplied by `decay` after `patience`
+    validations without a better BLEU (plateau), or it falls as sqrt(warmup_steps / step) (inverse_sqrt).
+    Plain-number state, so it fits in a weights-only checkpoint."""
 
-    def __init__(self, base_lr: float, warmup_steps: int, decay: float, patience: int) -> None:
+    def __init__(self, base_lr: float, warmup_steps: int, decay: float, patience: int,
+                 kind: str = "plateau") -> None:
         self.base_lr, self.warmup_steps, self.decay, self.patience = base_lr, warmup_steps, decay, patience
+        self.kind = kind
         self.scale, self.best, self.bad = 1.0, -math.inf, 0
 
     def lr(self, step: int) -> float:
         warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.kind == "inverse_sqrt":
+            warmup = min(warmup, math.sqrt(self.warmup_steps / (step + 1)))
         return self.base_lr * self.scale * warmup
 
     def observe(self, metric: float) -> None:
@@ -56,7 +62,7 @@ class LRSchedule:
             self.best, self.bad = metric, 0
             return
         self.bad += 1
-        if self.bad >= self.patience:
+        if self.bad >= self.patience and self.kind == "plateau":
             self.scale, self.bad = self.scale * self.decay, 0
 
     def state_dict(self) -> dict[str, float]:
@@ -76,25 +82,7 @@ class Progress:
     best_bleu: float = -1.0
     best_step: int = 0
     bad_validations: int = 0
-
-
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); initializes the process group when run under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("NMT_DDP_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise NMTError(f"train.device is {name}, but no CUDA device is available (use --set train.device=cpu)")
-        return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-    return torch.device("cpu")
+    target_tokens: int = 0  # real target tokens (and eos) trained on so far, this rank
 
 
 class Trainer:
@@ -107,8 +95,10 @@ class Trainer:
         self.config, self.cfg = config, config.train
         if config.data.train is None or config.data.dev is None:
             raise NMTError("data.train and data.dev are needed for training")
-        self.rank, self.world, local_rank = _distributed()
-        self.device = _device(self.cfg.device, local_rank)
+        self.ranks = parallel.ranks()
+        self.rank, self.world = self.ranks.rank, self.ranks.world
+        self.device = parallel.device_for(self.cfg.device, self.ranks.local_rank, "train.device",
+                                          "use --set train.device=cpu")
         self.run_dir = Path(self.cfg.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.quiet = quiet or self.rank != 0
@@ -125,7 +115,10 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.vocab = self._vocabulary(vocab, resume)
         self.train_data, self.dev_table = self._datasets()
-        self.model = Seq2Seq(config.model, self.vocab.src_size, self.vocab.tgt_size).to(self.device)
+        if config.model.share_embeddings and not self.vocab.joint:
+            raise NMTError("model.share_embeddings needs a joint vocabulary (vocab.joint: true)")
+        self.model = Seq2Seq(config.model, self.vocab.src_size, self.vocab.tgt_size,
+                             self.vocab.output_ids).to(self.device)
         if self.cfg.init_from and not resume:
             source = resolve_checkpoint(self.cfg.init_from)
             self.model.load_state_dict(model_from_payload(load_checkpoint(source), str(source))[0].state_dict())
@@ -136,7 +129,9 @@ class Trainer:
         # fused: one kernel for all parameters (CPU and CUDA), 5x faster than the per-tensor loop on one CPU thread
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                                           fused=True)
-        self.schedule = LRSchedule(self.cfg.lr, self.cfg.warmup_steps, self.cfg.lr_decay, self.cfg.lr_patience)
+        self.schedule = LRSchedule(self.cfg.lr, self.cfg.warmup_steps, self.cfg.lr_decay, self.cfg.lr_patience,
+                                   self.cfg.lr_schedule)
+        self.ema = ExponentialAverage(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp or "")
         fp16_on_cuda = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16_on_cuda)  # bf16 needs no loss scaling
@@ -189,14 +184,15 @@ class Trainer:
                 table = table if table is not None else load_parallel(self.config.data.train)
                 vocab = vocab.restricted_to(vocab.encode_tgt([line.strip() for line in table["tgt"]]))
             vocab.save(vocab_dir)
-        if self.world > 1:
-            dist.barrier()
+        self.ranks.barrier()
         return Vocab.load(vocab_dir)
 
     def _datasets(self):
         data = self.config.data
         train = filter_for_training(tokenize(load_parallel(data.train), self.vocab), data)
         dev = load_parallel(data.dev)
+        if len(dev) == 0:
+            raise NMTError(f"data.dev: {data.dev.describe()} has no sentences (validation needs some)")
         if data.valid_max_sentences:
             dev = dev.select(range(min(len(dev), data.valid_max_sentences)))
         return TrainingData(train, self.cfg.batch_tokens, self.cfg.seed, self.rank, self.world), dev
@@ -211,6 +207,8 @@ class Trainer:
         if full:
             payload.update(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
                            scaler=self.scaler.state_dict(), progress=vars(self.progress).copy())
+            if self.ema is not None:
+                payload["ema"] = self.ema.state_dict()
         return payload
 
     def save(self, name: str) -> None:
@@ -219,12 +217,22 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         payload = load_checkpoint(path, map_location=self.device)
+        saved = config_from_checkpoint(payload["config"]).model
+        if saved != self.config.model:
+            differ = [f"{f.name}: {getattr(saved, f.name)!r} there, {getattr(self.config.model, f.name)!r} here"
+                      for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(self.config.model, f.name)]
+            raise NMTError(f"{path}: trained with another model section ({'; '.join(differ)}): resume with the "
+                           f"model it was trained with (set those keys), or train a new run")
         try:
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
             self.schedule.load_state_dict(payload["schedule"])
             if payload.get("scaler"):
                 self.scaler.load_state_dict(payload["scaler"])
+            if self.ema is not None:  # an average saved with the run, else one that starts from its weights
+                self.ema = ExponentialAverage(self.model, self.cfg.ema_decay)
+                if "ema" in payload:
+                    self.ema.load_state_dict(payload["ema"])
             self.progress = Progress(**payload["progress"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise NMTError(f"{path}: cannot resume from it ({str(err).splitlines()[0][:160]})") from None
@@ -256,6 +264,8 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.progress.step += 1
         return float(nll) / tokens, tokens
 
@@ -309,14 +319,14 @@ class Trainer:
         self.writer.flush()
 
     def _validate_everywhere(self) -> bool:
-        """Validate on rank 0 and share the stop decision with every rank."""
-        stop = self._after_validation(*self.validate()) if self.rank == 0 else False
+        """Validate on rank 0 (with the averaged weights, which best.pt then keeps, when train.ema_decay > 0)
+        and share the stop decision with every rank."""
+        stop = False
+        if self.rank == 0:
+            with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+                stop = self._after_validation(*self.validate())
         self.save("last.pt")
-        if self.world > 1:
-            flag = torch.tensor([int(stop)], device=self.device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        return stop
+        return self.ranks.broadcast_flag(stop, self.device)
 
     def _handle_signal(self, signum: int, _frame) -> None:
         self._stop_signal = signum
@@ -337,6 +347,7 @@ class Trainer:
                 for indices in batches[p.batch_in_epoch:]:
                     loss, tokens = self.step(self.train_data.batch(indices))
                     p.batch_in_epoch += 1
+                    p.target_tokens += tokens
                     window_tokens, window_loss = window_tokens + tokens, window_loss + loss * tokens
                     elapsed = max(time.time() - window_start, 1e-9)
                     lr = self.schedule.lr(p.step)
@@ -344,15 +355,17 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{window_tokens / elapsed:.0f}", lr=f"{lr:.1e}")
                     if p.step % cfg.log_every == 0:
                         self.log(f"step {p.step} | epoch {p.epoch + 1} | loss {window_loss / window_tokens:.4f} | "
-                                 f"lr {lr:.2e} | {window_tokens / elapsed:.0f} target tokens/s")
+                                 f"lr {lr:.2e} | {window_tokens / elapsed:.0f} target tokens/s | "
+                                 f"{p.target_tokens} target tokens")
                         self._record({"step": p.step, "train_loss": window_loss / window_tokens,
-                                      "tokens_per_s": window_tokens / elapsed})
+                                      "tokens_per_s": window_tokens / elapsed, "target_tokens": p.target_tokens})
                         window_tokens, window_loss, window_start = 0, 0.0, time.time()
                     reached_max = cfg.max_steps and p.step >= cfg.max_steps
                     if p.step % cfg.valid_every == 0 or reached_max:
                         stop = self._validate_everywhere() or bool(reached_max)
                     if self._stop_signal is not None:
                         self.save("last.pt")
+                        self._record({"step": p.step, "target_tokens": p.target_tokens})
                         raise NMTError(f"interrupted at step {p.step}; checkpoint saved, continue with --resume")
                     if stop:
                         break
@@ -366,7 +379,8 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.writer is not None:
                 self.writer.close()
-        summary = {"steps": p.step, "epochs": p.epoch, "best_bleu": p.best_bleu, "best_step": p.best_step,
+        summary = {"steps": p.step, "epochs": p.epoch, "target_tokens": p.target_tokens, "best_bleu": p.best_bleu,
+                   "best_step": p.best_step,
                    "parameters": self.model.parameter_count(), "wall_s": round(time.time() - started, 1),
                    "run_dir": str(self.run_dir)}
         self.log(f"done: {json.dumps(summary)}")
@@ -381,5 +395,4 @@ def run_train(config_path: str, resume: bool = False, overrides: list[str] | tup
     try:
         return trainer.train()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        parallel.finish()

@@ -17,6 +17,7 @@ from typing import TextIO
 
 import torch
 
+from nmt import parallel
 from nmt.config import DecodeConfig
 from nmt.data import pad, read_lines
 from nmt.errors import NMTError
@@ -108,32 +109,52 @@ def _read_input(path: str | None) -> list[str]:
     return read_lines(path)
 
 
-def _open_output(path: str | None) -> TextIO:
+def _open_output(path: str | None, append: bool = False) -> TextIO:
     if path is None or path == "-":
         return sys.stdout
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "w", encoding="utf-8")
+    return open(path, "a" if append else "w", encoding="utf-8")
 
 
 def run_translate(translator: Translator, input: str | None = None, output: str | None = None,
                   scores: bool = False, chunk_lines: int = 10_000, **overrides) -> int:
     """Translate a file (or stdin) to a file (or stdout), one line out per line in (n lines with n-best).
-    Returns the number of input lines."""
+    Under torchrun each rank translates a contiguous share of the input file and rank 0 writes every share's
+    output in input order. Returns the number of input lines."""
+    ranks = parallel.ranks()
+    if ranks.world > 1 and (input is None or input == "-"):
+        raise NMTError("under torchrun, give the input as a file (--input): the ranks read their shares of it")
     lines = _read_input(input)
-    out = _open_output(output)
+    mine = ranks.share(len(lines))
+    results = []
+    for start in range(mine.start, mine.stop, chunk_lines):
+        results.extend(translator.translate(lines[start: min(start + chunk_lines, mine.stop)], **overrides))
+        if ranks.world == 1:  # one process writes as it goes
+            _write(output, results, scores, append=start > 0)
+            results = []
+    if ranks.world > 1:
+        results = ranks.gather(results)
+        if ranks.rank == 0:
+            _write(output, results, scores, append=False)
+    elif not lines:
+        _write(output, [], scores, append=False)
+    cropped = ranks.gather([translator.cropped])
+    if cropped and sum(cropped):
+        print(f"warning: {sum(cropped)} input line(s) longer than {translator.decode.max_input_len} pieces "
+              f"were cropped", file=sys.stderr)
+    return len(lines)
+
+
+def _write(output: str | None, results: list[list[Translation]], scores: bool, append: bool) -> None:
+    out = sys.stdout if output is None or output == "-" else _open_output(output, append)
     try:
-        for start in range(0, len(lines), chunk_lines):
-            for nbest in translator.translate(lines[start: start + chunk_lines], **overrides):
-                for translation in nbest:
-                    out.write(format_line(translation, scores) + "\n")
-            out.flush()
+        for nbest in results:
+            for translation in nbest:
+                out.write(format_line(translation, scores) + "\n")
+        out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
-    if translator.cropped:
-        print(f"warning: {translator.cropped} input line(s) longer than {translator.decode.max_input_len} pieces "
-              f"were cropped", file=sys.stderr)
-    return len(lines)
 
 
 def run_score(translator: Translator, src: str, tgt: str, output: str | None = None) -> list[float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,10 @@ def _train_one(sentences: Iterable[str], config: VocabConfig) -> bytes:
         )
     except RuntimeError as err:
         raise NMTError(f"SentencePiece training failed: {str(err).strip().splitlines()[-1]}") from None
+    size = _processor(model.getvalue()).get_piece_size()
+    if size < config.size:
+        print(f"warning: vocab.size {config.size} asked for, but SentencePiece built {size} pieces from this "
+              f"corpus (it has no more)", file=sys.stderr)
     return model.getvalue()
 
 

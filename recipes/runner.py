@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -423,7 +424,7 @@ class RecipeRun:
     def evaluate(self, role: str, beams: tuple[int, ...]) -> dict[str, Any]:
         """Translate the test split with each beam size; BLEU/chrF, speed, parameters and checkpoint size."""
         from nmt.checkpoint import resolve_checkpoint
-        from nmt.cli import open_translator
+        from serving.backends import open_translator
         from nmt.data import read_lines
         from nmt.evaluate import corpus_scores
 
@@ -577,6 +578,54 @@ def evaluate_teacher(run: RecipeRun) -> dict[str, Any]:
     return run.evaluate("teacher", (EVAL_BEAM,))
 
 
+APERTIUM_CODES = {"ca": "cat", "de": "deu", "en": "eng", "es": "spa", "eu": "eus", "fr": "fra", "gl": "glg",
+                  "it": "ita", "nl": "nld", "pt": "por", "ro": "ron"}  # ISO 639-1 → Apertium's language codes
+
+
+def apertium_pair(run: RecipeRun) -> str | None:
+    """Apertium's name of the recipe's language pair (spa-eng for es → en), or None without codes for them."""
+    src, tgt = (APERTIUM_CODES.get(lang) for lang in run.languages())
+    return f"{src}-{tgt}" if src and tgt else None
+
+
+@stage("evaluate_apertium", needs=("prepare",), inputs=lambda run: [apertium_pair(run),
+                                                                    dataclasses.asdict(run.recipe.evaluate)],
+       outputs=lambda run: [run.dir / "eval" / "apertium.json"] if run.status("evaluate_apertium") == "done" else [])
+def evaluate_apertium(run: RecipeRun) -> dict[str, Any]:
+    """The rule-based Apertium on the same test sentences, scored the same way: a baseline beside the models
+    (Debian: apt-get install apertium apertium-eng-spa; skipped when it is not installed)."""
+    from nmt.data import read_lines
+    from nmt.evaluate import corpus_scores
+
+    pair = apertium_pair(run)
+    if shutil.which("apertium") is None or pair is None:
+        raise Skip("Apertium is not installed (apt-get install apertium apertium-eng-spa)" if pair else
+                   f"Apertium has no codes for {'-'.join(run.languages())} here")
+    sources, references = (read_lines(run.corpus_file("test", side)) for side in (0, 1))
+    if run.recipe.evaluate.max_sentences:
+        sources, references = (lines[: run.recipe.evaluate.max_sentences] for lines in (sources, references))
+    began = time.perf_counter()
+    done = subprocess.run(["apertium", "-u", pair], input="".join(line + "\n" for line in sources),
+                          capture_output=True, text=True, encoding="utf-8")
+    wall = max(time.perf_counter() - began, 1e-9)
+    hypotheses = done.stdout.splitlines()
+    if done.returncode != 0 or len(hypotheses) != len(sources):
+        reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise Skip(f"apertium -u {pair} failed ({reason}; {len(hypotheses)} lines for {len(sources)})")
+    output = run.dir / "eval" / f"apertium.{run.languages()[1]}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("".join(line + "\n" for line in hypotheses), encoding="utf-8")
+    scores = corpus_scores(hypotheses, [references])
+    say(f"[evaluate_apertium] {pair}: BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}")
+    decode = {"search": "rules", **{k: scores[k] for k in ("bleu", "chrf", "bleu_signature", "chrf_signature")},
+              "hypotheses": output.name, "wall_s": round(wall, 3), "sentences_per_s": round(len(sources) / wall, 2),
+              "threads": 1}
+    result = {"model": f"apertium {pair}", "parameters": 0, "checkpoint_bytes": 0, "test_sentences": len(sources),
+              "decodes": {"rules": decode}}
+    _write_json(run.dir / "eval" / "apertium.json", result)
+    return result
+
+
 def _distill_inputs(run: RecipeRun) -> Any:
     """What the distilled corpus depends on (besides the teacher): the training data and the distill section."""
     if run.recipe.student is None:
@@ -677,7 +726,7 @@ def engines(run: RecipeRun) -> dict[str, Any]:
 
 def _sample_model(run: RecipeRun) -> tuple[str, str]:
     """(model, backend): the ONNX export under ONNX Runtime when both exist, else the deployed torch model."""
-    if run.status("export") == "done" and all(importlib.util.find_spec(m) for m in ("onnxruntime", "serving.backends")):
+    if run.status("export") == "done" and importlib.util.find_spec("onnxruntime"):
         return str(run.dir / "export"), "onnxruntime"
     return str(run.model_dir(run.deployed_role())), "torch"
 
@@ -686,7 +735,7 @@ def _sample_model(run: RecipeRun) -> tuple[str, str]:
        outputs=lambda run: [run.dir / "sample.txt"])
 def translate_sample(run: RecipeRun) -> dict[str, Any]:
     """A smoke test of the deployed model: a few sentences through the deployment backend."""
-    from nmt.cli import open_translator
+    from serving.backends import open_translator
     from nmt.data import read_lines
 
     lines = list(run.recipe.sample) or read_lines(run.corpus_file("test", 0))[:SAMPLE_LINES]
@@ -737,7 +786,7 @@ def plot_curves(run: RecipeRun, path: Path) -> Path | None:
 
 def summarize(run: RecipeRun) -> dict[str, Any]:
     """summary.json, summary.md and training_curves.png in the run folder; the markdown is printed too."""
-    models = {role: run.result(f"evaluate_{role}") for role in ROLES}
+    models = {role: run.result(f"evaluate_{role}") for role in (*ROLES, "apertium")}
     exported = {name: run.result(name) for name in ("export", "engines")}
     plot = plot_curves(run, run.dir / "training_curves.png")
     stages = {name: {key: run.state[name].get(key) for key in ("status", "wall_s", "message")}
@@ -784,7 +833,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for role, result in summary["models"].items():
         for decode in result["decodes"].values():
-            search = "greedy" if decode["beam_size"] == 1 else f"beam {decode['beam_size']}"
+            search = decode.get("search") or ("greedy" if decode["beam_size"] == 1 else f"beam {decode['beam_size']}")
             lines.append(f"| {role} | {search} | {decode['bleu']:.2f} | {decode['chrf']:.2f} | "
                          f"{decode['sentences_per_s']:.1f} | {decode['wall_s']:.1f} | {decode['threads']} | "
                          f"{result['parameters']:,} | {result['checkpoint_bytes'] / 1e6:.1f} |")

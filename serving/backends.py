@@ -1,5 +1,7 @@
-"""backends.py — opens an export folder as a `DecoderStep` (ONNX Runtime or TensorRT), with its vocabulary and
-decode defaults. The torch backend is not here (nmt.cli loads checkpoints itself); no search logic either.
+"""backends.py — opens a model as a `DecoderStep` on the backend asked for (torch: a run folder or checkpoint;
+ONNX Runtime or TensorRT: an export folder) with its vocabulary and decode defaults, and as a `Translator`
+(`open_translator`: what the command line, the server and the recipes decode with; several models make an
+ensemble). No search logic here.
 
 Precision: `precision=` or the environment variable NMT_PRECISION picks the graphs: fp32 (default), int8 (ONNX
 Runtime on CPU, from `nmt export --int8`) or fp16 (from `nmt export --fp16`; TensorRT uses fp16 when present).
@@ -13,8 +15,9 @@ import os
 from nmt.config import DecodeConfig
 from nmt.errors import NMTError
 from nmt.search import DecoderStep
+from nmt.translate import Translator
 from nmt.vocab import Vocab
-from serving.export import read_model_json
+from serving.graphs import read_model_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -56,3 +59,36 @@ def open_backend(model_dir: str, backend: str, device: str, precision: str | Non
     else:
         raise NMTError(f"backend {backend!r}: expected onnxruntime or tensorrt (torch loads checkpoints)")
     return decoder, Vocab.load(model_dir), decode_config(info)
+
+
+def open_model(model: str, backend: str = "torch", device: str = "cpu") -> tuple[DecoderStep, Vocab, DecodeConfig]:
+    """One model as (decoder, vocabulary, decode defaults): a run folder or checkpoint for torch (under torchrun,
+    `cuda` is this process's GPU), an export folder for the others."""
+    if backend == "torch":
+        from nmt import parallel
+        from nmt.checkpoint import load_model
+
+        net, vocab, config = load_model(model, parallel.device_for(device, parallel.ranks().local_rank, "--device",
+                                                                   "use --device cpu"))
+        return net, vocab, config.decode
+    return open_backend(model, backend, device)
+
+
+def open_translator(model: str | list[str], backend: str = "torch", device: str = "cpu",
+                    **decode_overrides) -> Translator:
+    """A Translator over the chosen backend; several models make an ensemble (nmt.ensemble) with the first one's
+    decode defaults; `decode_overrides` replace DecodeConfig fields (None = keep)."""
+    from nmt import parallel
+    from nmt.ensemble import combine
+
+    models = [model] if isinstance(model, str) else list(model)
+    opened = [open_model(name, backend, device) for name in models]
+    net, vocab = combine([(f"--model {name}", step, vocab) for name, (step, vocab, _) in zip(models, opened)])
+    overrides = {k: v for k, v in decode_overrides.items() if v is not None}
+    try:
+        decode = dataclasses.replace(opened[0][2], **overrides)
+    except TypeError as err:
+        raise NMTError(str(err)) from None
+    if backend == "torch":
+        device = parallel.device_for(device, parallel.ranks().local_rank, "--device", "use --device cpu")
+    return Translator(net, vocab, decode, device)

@@ -27,44 +27,7 @@ from nmt.config import Config
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
-
-FORMAT = "nmt-export-v1"
-OPSET = 17  # parsed by TensorRT 8.6-11 and every ONNX Runtime since 1.14
-ENCODER_INPUTS = ["src", "src_lengths"]
-STEP_INPUTS = ["prev_tokens", "hidden", "att_vec", "memory", "keys", "src_mask"]
-STEP_OUTPUTS = ["log_probs", "new_hidden", "new_att_vec", "weights"]
-PRECISION_SUFFIX = {"fp32": "", "fp16": ".fp16", "int8": ".int8"}
-
-
-def graph_file(kind: str, precision: str = "fp32") -> str:
-    """encoder / decoder_step file name for a precision: encoder.onnx, decoder_step.fp16.onnx, ..."""
-    return f"{kind}{PRECISION_SUFFIX[precision]}.onnx"
-
-
-def io_names(lstm: bool) -> dict[str, list[str]]:
-    """Input and output names of both graphs (LSTMs add the cell state)."""
-    encoder_outputs = ["memory", "keys", "src_mask", "hidden", "att_vec"] + (["cell"] if lstm else [])
-    return {"encoder_inputs": list(ENCODER_INPUTS), "encoder_outputs": encoder_outputs,
-            "step_inputs": STEP_INPUTS + (["cell"] if lstm else []),
-            "step_outputs": STEP_OUTPUTS + (["new_cell"] if lstm else [])}
-
-
-def output_shapes(info: dict[str, Any], kind: str, batch: int, src_len: int, rows: int = 0) -> dict[str, tuple]:
-    """Output shapes of a graph ("encoder" or "decoder_step") for B sentences of S pieces and N hypothesis rows,
-    from model.json alone: what a backend allocates before running the graph."""
-    layers, hidden = info["decoder_layers"], info["decoder_hidden"]
-    if kind == "encoder":
-        shapes = {"memory": (batch, src_len, info["memory_size"]), "keys": (batch, src_len, info["attention_dim"]),
-                  "src_mask": (batch, src_len), "hidden": (batch, layers, hidden),
-                  "att_vec": (batch, info["att_vec_size"]), "cell": (batch, layers, hidden)}
-        names = info["encoder_outputs"]
-    else:
-        shapes = {"log_probs": (rows, info["tgt_vocab_size"]), "new_hidden": (rows, layers, hidden),
-                  "new_att_vec": (rows, info["att_vec_size"]), "weights": (rows, src_len),
-                  "new_cell": (rows, layers, hidden)}
-        names = info["step_outputs"]
-    return {name: shapes[name] for name in names}
-
+from serving.graphs import FORMAT, OPSET, graph_file, io_names
 
 class EncoderGraph(nn.Module):
     """src [B, S] int64, src_lengths [B] int64 → the initial state (see Seq2Seq.encode_tensors)."""
@@ -257,19 +220,4 @@ def run_export(model: str, out: str, tensorrt: bool = False, fp16: bool = False,
 
         info["tensorrt_plans"] = [str(p.name) for p in build_engines(folder, info)]
         (folder / "model.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return info
-
-
-def read_model_json(model_dir: str | Path) -> dict[str, Any]:
-    """model.json of an export folder, checked for its format; one NMTError line when it is not one."""
-    path = Path(model_dir) / "model.json"
-    if not path.is_file():
-        raise NMTError(f"{model_dir}: not an export folder (no model.json; create one with `nmt export`)")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise NMTError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise NMTError(f"{path}: not an nmt export (format {info.get('format') if isinstance(info, dict) else None!r}, "
-                       f"expected {FORMAT!r})")
     return info

@@ -15,7 +15,7 @@ import torch
 
 from nmt.errors import NMTError
 from nmt.search import State
-from serving.export import output_shapes
+from serving.graphs import output_shapes
 
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
              "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}

@@ -243,7 +243,7 @@ def run_serve(model: str, backend: str = "onnxruntime", device: str = "cpu", hos
     """`nmt serve`: load the model on the backend, serve until SIGINT/SIGTERM, finishing requests in flight."""
     import uvicorn
 
-    from nmt.cli import open_translator
+    from serving.backends import open_translator
 
     if max_wait_ms < 0:
         raise NMTError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")

@@ -18,7 +18,7 @@ import torch
 
 from nmt.errors import NMTError
 from nmt.search import State
-from serving.export import graph_file
+from serving.graphs import graph_file
 
 INSTALL_HINT = ("TensorRT is not installed: `pip install tensorrt` (10.x or 11.x, with an NVIDIA GPU and CUDA "
                 "driver), or use --backend onnxruntime")

@@ -44,10 +44,10 @@ def _inputs(lstm: bool, layers: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("lstm", [False, True])
-@pytest.mark.parametrize("layers,dropout", [(1, 0.0), (2, 0.3)])
-def test_teacher_forced_gradients_match_finite_differences(lstm, layers, dropout):
+@pytest.mark.parametrize("layers,dropout,tanh,feed_dropout", [(1, 0.0, True, 0.0), (2, 0.3, False, 0.3)])
+def test_teacher_forced_gradients_match_finite_differences(lstm, layers, dropout, tanh, feed_dropout):
     packing, mask, tensors, layer_weights = _inputs(lstm, layers)
-    plan = packing.plan(lstm, layers, dropout)
+    plan = packing.plan(lstm, layers, dropout, tanh, feed_dropout)
     flat = [w for ws in layer_weights for w in ws if w is not None]
 
     def run(gates, hidden, cell, keys, memory, query, energy, out_w, out_b, *weights):

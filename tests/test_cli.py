@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,26 @@ def test_corrupt_and_hostile_checkpoints_are_refused_with_one_line(tmp_path, toy
         assert "pwned" not in captured.out
         err = captured.err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def torchrun(*args: str, cwd: Path, port: int) -> subprocess.CompletedProcess:
+    """`nmt` in two gloo processes on the CPU under torch.distributed.run."""
+    env = {**os.environ, "NMT_DDP_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "nmt.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_translate_under_torchrun_gives_one_process_s_output_line_for_line(toy_run, toy_corpus, tmp_path):
+    source = tmp_path / "in.txt"
+    lines = (toy_corpus / "test.src").read_text().splitlines()[:41] + ["", "a b"]  # an odd count, an empty line
+    source.write_text("\n".join(lines) + "\n")
+    single = nmt("translate", "--model", str(toy_run), "--input", str(source), "--beam-size", "3", "--scores")
+    assert single.returncode == 0, single.stderr
+    ranked = torchrun("translate", "--model", str(toy_run), "--input", str(source), "--output", "out.txt",
+                      "--beam-size", "3", "--scores", cwd=tmp_path, port=29531)
+    assert ranked.returncode == 0, ranked.stderr[-2000:]
+    assert (tmp_path / "out.txt").read_text() == single.stdout.decode()
+    to_stdout = torchrun("translate", "--model", str(toy_run), "--input", str(source), "--beam-size", "3",
+                         "--scores", cwd=tmp_path, port=29532)
+    assert to_stdout.stdout == single.stdout.decode()  # rank 0 alone prints, in input order

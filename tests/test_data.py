@@ -195,12 +195,46 @@ def test_padding_does_not_change_a_sentence_s_encoding_or_decoding():
 def test_initialization_is_xavier_with_zero_biases_and_lstm_forget_bias_one():
     from conftest import tiny_random_model
 
-    model = tiny_random_model(vocab_size=50, rnn_type="lstm", embed_dim=64, encoder_hidden=64, decoder_hidden=64)
+    sizes = {"embed_dim": 64, "encoder_hidden": 64, "decoder_hidden": 64}
+    model = tiny_random_model(vocab_size=50, rnn_type="lstm", rnn_init="xavier", **sizes)
     hh = model.decoder.cells[0].bias_hh
     assert torch.all(hh[64:128] == 1) and torch.all(hh[:64] == 0) and torch.all(hh[128:] == 0)
     weight = model.decoder.att_layer.weight
     bound = (6 / sum(weight.shape)) ** 0.5
     assert weight.abs().max() <= bound and weight.abs().max() > 0.8 * bound
     assert torch.all(model.decoder.att_layer.bias == 0) and torch.all(model.encoder.embed.weight[PAD_ID] == 0)
-    gru = tiny_random_model(vocab_size=50)
+    gru = tiny_random_model(vocab_size=50, rnn_init="xavier")
     assert torch.all(gru.encoder.layers[0][0].bias_ih_l0 == 0)
+
+
+def test_default_recurrent_initialization_is_uniform_over_one_over_root_h():
+    from conftest import tiny_random_model
+
+    model = tiny_random_model(vocab_size=50, encoder_hidden=64, decoder_hidden=100, rnn_type="lstm")
+    for param, hidden in ((model.encoder.layers[0][1].weight_hh_l0, 64), (model.decoder.cells[0].weight_ih, 100),
+                          (model.decoder.cells[0].bias_ih[:100], 100)):
+        assert param.abs().max() <= hidden ** -0.5 and param.abs().max() > 0.9 * hidden ** -0.5
+    assert torch.all(model.decoder.cells[0].bias_hh[100:200] == 1)  # the forget gate starts open
+    assert torch.all(model.decoder.att_layer.bias == 0)
+
+
+def test_a_key_given_twice_in_a_config_is_a_one_line_error(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(NMTError, match="'lr' given twice"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_no_training_pair_left_says_how_many_were_dropped_and_why(tmp_path, small_vocab):
+    (tmp_path / "s").write_text("a b c d e f g h\n\n" * 3)
+    (tmp_path / "t").write_text("a\nb\n" * 3)
+    table = tokenize(load_parallel(CorpusSpec(src=str(tmp_path / "s"), tgt=str(tmp_path / "t"))), small_vocab)
+    with pytest.raises(NMTError, match=r"all 6 were dropped") as error:
+        filter_for_training(table, DataConfig(max_len_ratio=2.0))
+    assert "3 with an empty side" in str(error.value) and "3 with a length ratio above" in str(error.value)
+
+
+def test_a_vocabulary_smaller_than_asked_for_is_a_warning(toy_corpus, capsys):
+    lines = (toy_corpus / "train.src").read_text().splitlines()
+    vocab = train_vocab(VocabConfig(size=500), lines, lines)
+    assert vocab.src_size < 500
+    assert f"warning: vocab.size 500 asked for, but SentencePiece built {vocab.src_size} pieces" in capsys.readouterr().err

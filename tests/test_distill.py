@@ -89,3 +89,24 @@ def test_word_level_kd_trains_a_student_with_the_teachers_distribution(toy_corpu
 def test_distill_without_a_teacher_is_a_one_line_error(toy_corpus, tmp_path):
     with pytest.raises(NMTError, match="distill.teacher"):
         run_distill(config=toy_config(toy_corpus, tmp_path / "run"))
+
+
+def test_distillation_under_torchrun_writes_one_process_s_corpus(distilled, toy_corpus, toy_run, tmp_path):
+    import yaml
+
+    from test_cli import torchrun
+
+    config = student_config(toy_corpus, toy_run, tmp_path / "run")
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    result = torchrun("distill", "student.yaml", "--corpus-only", cwd=tmp_path, port=29533)
+    assert result.returncode == 0, result.stderr[-2000:]
+    single, _ = distilled
+    for name in ("train.src", "train.tgt"):
+        assert (tmp_path / "run/distill" / name).read_text() == (single / "distill" / name).read_text()
+
+
+def test_a_teacher_ensemble_of_one_model_twice_distils_that_model_s_corpus(distilled, toy_corpus, toy_run, tmp_path):
+    config = student_config(toy_corpus, toy_run, tmp_path / "run", ensemble=[str(toy_run)])
+    run_distill(config=config, corpus_only=True)
+    single, _ = distilled
+    assert (tmp_path / "run/distill/train.tgt").read_text() == (single / "distill/train.tgt").read_text()

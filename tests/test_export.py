@@ -15,18 +15,8 @@ from nmt.checkpoint import load_model
 from nmt.config import ModelConfig
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
-from serving.export import (
-    OPSET,
-    example_inputs,
-    export_graphs,
-    gemm_to_matmul,
-    graph_file,
-    io_names,
-    output_shapes,
-    read_model_json,
-    run_export,
-    verify_graphs,
-)
+from serving.export import example_inputs, export_graphs, gemm_to_matmul, run_export, verify_graphs
+from serving.graphs import OPSET, graph_file, io_names, output_shapes, read_model_json
 from tests.conftest import tiny_random_model
 
 
@@ -78,7 +68,8 @@ def test_int8_graphs_hold_quantized_matmuls(exported):
 
 
 @pytest.mark.parametrize("model_kwargs", [{}, {"rnn_type": "lstm", "decoder_layers": 2, "encoder_layers": 2},
-                                          {"tie_embeddings": True}, {"dropout": 0.3}])
+                                          {"tie_embeddings": True}, {"dropout": 0.3},
+                                          {"tie_embeddings": True, "share_embeddings": True}])
 def test_graphs_match_torch_at_untraced_batch_length_and_beam(tmp_path, model_kwargs):
     model = tiny_random_model(vocab_size=13, **model_kwargs)
     export_graphs(model, tmp_path)

@@ -4,6 +4,7 @@ resume after a kill; features not built are skipped; the summary files and the p
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import types
@@ -18,7 +19,7 @@ from nmt.train import Trainer
 from recipes.runner import STAGES, load_recipe, run_recipe, select_stages
 from conftest import TINY_MODEL
 
-OPTIONAL_MODULES = ("nmt.distill", "serving.export", "serving.backends")
+OPTIONAL_MODULES = ("nmt.distill", "serving.export", "onnxruntime")
 
 
 def recipe_values(corpus: Path) -> dict:
@@ -126,7 +127,7 @@ def test_rerun_skips_every_current_stage(run_copy, monkeypatch, capsys):
     before = state_of(run_copy)
     run_recipe(run_copy / "recipe.yaml")
     said = stage_lines(capsys.readouterr().err)
-    unbuilt = {"distill", "export", "engines", "baseline", "evaluate_baseline"}  # skipped ones check again, cheaply
+    unbuilt = {"distill", "export", "engines", "baseline", "evaluate_baseline", "evaluate_apertium"}  # skipped: checked again
     assert {name for name, what in said.items() if what == "current, skipped"} == set(STAGES) - unbuilt
     after = state_of(run_copy)
     assert all(after[name]["fingerprint"] == before[name]["fingerprint"] for name in STAGES)
@@ -277,12 +278,12 @@ def test_built_distillation_and_export_are_called(run_copy, toy_corpus, monkeypa
     assert state["distill"]["result"] == {"distilled_pairs": 3000}
     assert state["student"]["result"]["distilled"] is True
     assert state["export"]["result"]["model"] == "student" and state["export"]["result"]["bytes"] == 2
-    assert state["translate_sample"]["result"]["backend"] == "torch"  # serving.backends stays hidden
+    assert state["translate_sample"]["result"]["backend"] == "torch"  # onnxruntime stays hidden
     capsys.readouterr()
     run_recipe(run_copy / "recipe.yaml")
     said = stage_lines(capsys.readouterr().err)
-    assert {name for name, what in said.items() if what != "current, skipped"} == {"engines", "baseline",
-                                                                                 "evaluate_baseline"}
+    assert {name for name, what in said.items() if what != "current, skipped"} == {
+        "engines", "baseline", "evaluate_baseline", "evaluate_apertium"}  # skipped stages are checked again
     assert len(calls) == 3
 
 
@@ -314,3 +315,31 @@ def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
     assert recipe.teacher["model"] and recipe.student is not None
     assert recipe.corpus.kind in ("bible", "hub")
+
+
+def test_apertium_is_scored_beside_the_models_on_the_same_test_sentences(toy_corpus, tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "dev", "test"):
+        shutil.copy(toy_corpus / f"{split}.src", corpus / f"{split}.es")
+        shutil.copy(toy_corpus / f"{split}.tgt", corpus / f"{split}.en")
+    bin_dir = tmp_path / "bin"  # a stand-in for Debian's apertium: reverses each line's words, as the toy task
+    bin_dir.mkdir()
+    (bin_dir / "apertium").write_text(f"#!{sys.executable}\nimport sys\nassert sys.argv[1:] == ['-u', 'spa-eng']\n"
+                                      "for line in sys.stdin:\n    print(' '.join(reversed(line.split())))\n")
+    (bin_dir / "apertium").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    values = recipe_values(corpus)
+    values["corpus"] = {"kind": "files", "dir": str(corpus), "src_lang": "es", "tgt_lang": "en"}
+    path = write_recipe(tmp_path / "recipe", values)
+    run_recipe(path, end="prepare")
+    summary = run_recipe(path, start="evaluate_apertium", end="evaluate_apertium")
+    apertium = summary["models"]["apertium"]
+    assert apertium["test_sentences"] == 40 and apertium["decodes"]["rules"]["bleu"] == 100.0
+    assert "| apertium | rules | 100.00 |" in (tmp_path / "recipe" / "run" / "summary.md").read_text()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    state = json.loads((tmp_path / "recipe" / "run" / "state.json").read_text())["stages"]
+    assert state["evaluate_apertium"]["status"] == "done"
+    run_recipe(path, start="evaluate_apertium", end="evaluate_apertium", force=True)
+    state = json.loads((tmp_path / "recipe" / "run" / "state.json").read_text())["stages"]
+    assert state["evaluate_apertium"]["status"] == "skipped" and "not installed" in state["evaluate_apertium"]["message"]

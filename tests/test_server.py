@@ -12,7 +12,7 @@ import httpx
 import pytest
 import uvicorn
 
-from nmt.cli import open_translator
+from serving.backends import open_translator
 from serving.server import Limits, RequestError, create_app, parse_request
 from tests.test_export import export_once
 

@@ -6,10 +6,10 @@ import pytest
 import sacrebleu
 import torch
 
-from nmt.cli import main, open_translator
+from nmt.cli import main
 from nmt.errors import NMTError
 from nmt.search import State
-from serving.backends import choose_precision, open_backend
+from serving.backends import choose_precision, open_backend, open_translator
 from serving.onnx_backend import OnnxRuntimeStep, providers_for
 from tests.test_export import export_once
 

@@ -11,7 +11,7 @@ import torch
 
 from nmt.cli import main
 from nmt.errors import NMTError
-from serving.export import io_names, output_shapes
+from serving.graphs import io_names, output_shapes
 from serving.tensorrt_backend import (
     EngineLimits,
     network_flags,

@@ -153,7 +153,9 @@ def _plain_loss_and_gradients(model, batch, label_smoothing):
 
 
 @pytest.mark.parametrize("model", [{}, {"rnn_type": "lstm"}, {"layer_norm": True},
-                                   {"tie_embeddings": True, "encoder_layers": 2, "decoder_layers": 2}])
+                                   {"tie_embeddings": True, "encoder_layers": 2, "decoder_layers": 2},
+                                   {"attentional_tanh": True, "bridge": "tanh", "rnn_init": "xavier"},
+                                   {"tie_embeddings": True, "share_embeddings": True}])
 def test_the_training_step_gives_the_plain_step_s_loss_and_gradients(toy_corpus, tmp_path, model):
     trainer = Trainer(toy_config(toy_corpus, tmp_path / "run", model=model, train={"label_smoothing": 0.1}),
                       quiet=True)
@@ -171,6 +173,28 @@ def test_the_training_step_gives_the_plain_step_s_loss_and_gradients(toy_corpus,
     for name, param in trainer.model.named_parameters():
         scale = plain_grads[name].abs().max().clamp(min=1e-300)
         assert (param.grad - plain_grads[name]).abs().max() <= 1e-9 * scale, name
+
+
+def test_three_way_tying_keeps_one_embedding_matrix_for_source_target_and_output(toy_corpus, tmp_path):
+    trainer = Trainer(toy_config(toy_corpus, tmp_path / "run", model={"tie_embeddings": True, "share_embeddings": True},
+                                 train={"max_steps": 3, "valid_every": 3}), quiet=True)
+    model = trainer.model
+    shared = model.encoder.embed.weight
+    assert model.decoder.embed.source.weight is shared and not hasattr(model.decoder, "output")
+    assert torch.equal(model.decoder.output_layer()[0], shared[torch.tensor(trainer.vocab.output_ids)])
+    names = [name for name, _ in model.named_parameters()]
+    assert sum("embed" in name for name in names) == 1
+    trainer.train()
+    loaded, vocab, _ = load_model(tmp_path / "run")
+    assert torch.equal(loaded.decoder.embed.weight, loaded.encoder.embed.weight[torch.tensor(vocab.output_ids)])
+
+
+def test_inverse_square_root_schedule_warms_up_then_falls_and_ignores_plateaus():
+    schedule = LRSchedule(1.0, warmup_steps=4, decay=0.5, patience=1, kind="inverse_sqrt")
+    assert [schedule.lr(s) for s in (0, 1, 3, 15, 63)] == pytest.approx([0.25, 0.5, 1.0, 0.5, 0.25])
+    for metric in (5, 4, 3):
+        schedule.observe(metric)
+    assert schedule.lr(15) == pytest.approx(0.5)
 
 
 def test_the_decoder_predicts_only_the_training_targets_pieces_unless_told_otherwise(tmp_path):
@@ -256,3 +280,13 @@ def test_a_checkpoint_write_cut_short_leaves_the_old_file_and_is_cleaned_up_late
     assert torch.equal(load_checkpoint(target)["model"]["w"], torch.ones(2))
     save_checkpoint(target, {"config": {}, "vocab": {}, "model": {"w": torch.zeros(2)}})
     assert not stale.exists() and torch.equal(load_checkpoint(target)["model"]["w"], torch.zeros(2))
+
+
+def test_an_empty_dev_set_is_a_one_line_error(toy_corpus, tmp_path):
+    for side in ("src", "tgt"):
+        (tmp_path / f"dev.{side}").write_text("")
+    config = toy_config(toy_corpus, tmp_path / "run")
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, dev=dataclasses.replace(config.data.dev, src=str(tmp_path / "dev.src"), tgt=str(tmp_path / "dev.tgt"))))
+    with pytest.raises(NMTError, match="data.dev: .* has no sentences"):
+        Trainer(config, quiet=True)
