@@ -35,6 +35,9 @@ def _add_decoding(parser: argparse.ArgumentParser, search: bool = True) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="torch")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=_positive, help="sentences decoded together")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"),
+                        help="torch: fp32 or bf16 (matrix products in bf16, states float32); ONNX Runtime: fp32 or "
+                             "int8; TensorRT: fp32 or fp16 (default: NMT_PRECISION, else fp32)")
     if search:
         parser.add_argument("--beam-size", type=_positive, help="1 = greedy search")
         parser.add_argument("--nbest", type=_positive, help="hypotheses printed per input line")
@@ -132,7 +135,8 @@ def dispatch(args: argparse.Namespace) -> None:
             max_len_ratio=args.max_len_ratio, min_len=args.min_len)
         from serving.backends import open_translator
 
-        translator = open_translator(args.model, args.backend, args.device, batch_size=args.batch_size, **search)
+        translator = open_translator(args.model, args.backend, args.device, args.precision,
+                                     batch_size=args.batch_size, **search)
         if command == "translate":
             run_translate(translator, args.input, args.output, scores=args.scores)
         else:

@@ -80,7 +80,7 @@ class Decoder(nn.Module):
             new_states.append(state)
             x = self.dropout(hidden_of(state)) if layer + 1 < len(self.cells) else hidden_of(state)
         context, weights = self.attention(x, keys, memory, src_mask)  # [N, M], [N, S]
-        att_vec = self.att_layer(torch.cat([x, context], dim=-1))  # [N, A']
+        att_vec = self.att_layer(torch.cat([x, context], dim=-1)).to(x.dtype)  # [N, A'], in the states' dtype
         return torch.tanh(att_vec) if self.attentional_tanh else att_vec, new_states, weights
 
     def teacher_forced(self, tgt_in: torch.Tensor, packing: Packing, states: list[State], keys: torch.Tensor,

@@ -84,6 +84,7 @@ class Seq2Seq(nn.Module):
         keys = self.decoder.attention.project_keys(memory)  # [B, S, A]
         activation = torch.relu if self.config.bridge == "relu" else torch.tanh
         hidden = activation(self.bridge(final)).view(src.size(0), self.config.decoder_layers, -1)  # [B, L, H]
+        hidden = hidden.to(memory.dtype)  # under autocast the bridge's product is bf16; states keep the memory's
         att_vec = memory.new_zeros(src.size(0), self.decoder.att_size)  # [B, A']
         if self.lstm:
             return memory, keys, src_mask, hidden, att_vec, torch.zeros_like(hidden)

@@ -78,7 +78,9 @@ class LSTMCell(Cell):
 
 def gru_gates(projected: torch.Tensor, recurrent: torch.Tensor,
               h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The GRU update from W_ih·x + b_ih and W_hh·h + b_hh [N, 3H] → new h, reset, update, candidate [N, H]."""
+    """The GRU update from W_ih·x + b_ih and W_hh·h + b_hh [N, 3H] → new h, reset, update, candidate [N, H], in
+    the state's dtype (under autocast the projections come in bf16; the state stays float32)."""
+    projected, recurrent = projected.to(h.dtype), recurrent.to(h.dtype)
     projected_r, projected_z, projected_n = projected.chunk(3, dim=1)
     recurrent_r, recurrent_z, recurrent_n = recurrent.chunk(3, dim=1)
     reset, update = torch.sigmoid(projected_r + recurrent_r), torch.sigmoid(projected_z + recurrent_z)
@@ -88,8 +90,8 @@ def gru_gates(projected: torch.Tensor, recurrent: torch.Tensor,
 
 def lstm_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The LSTM update from all gate pre-activations [N, 4H] → new h, new c [N, H], activations i, f, g, o
-    [N, 4H]."""
-    i, f, g, o = gates.chunk(4, dim=1)
+    [N, 4H], in the cell state's dtype."""
+    i, f, g, o = gates.to(c.dtype).chunk(4, dim=1)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     c = f * c + i * g
     return o * torch.tanh(c), c, torch.cat([i, f, g, o], dim=1)

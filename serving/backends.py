@@ -12,14 +12,37 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
+
 from nmt.config import DecodeConfig
 from nmt.errors import NMTError
-from nmt.search import DecoderStep
+from nmt.search import DecoderStep, State
 from nmt.translate import Translator
 from nmt.vocab import Vocab
 from serving.graphs import read_model_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
+TORCH_PRECISIONS = ("fp32", "bf16")
+
+
+class AutocastStep:
+    """The torch model as a DecoderStep under torch.autocast: bf16 matrix products (AMX on recent Xeons, tensor
+    cores on GPUs), the recurrent states and the log-probabilities in float32."""
+
+    def __init__(self, model: DecoderStep, device: str) -> None:
+        self.model, self.device_type = model, torch.device(device).type
+
+    def parameter_count(self) -> int:
+        return self.model.parameter_count()
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> State:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model.encode(src, src_lengths)
+
+    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            log_probs, state = self.model.step(prev_tokens, state)
+        return log_probs.float(), state
 
 
 def decode_config(info: dict) -> DecodeConfig:
@@ -61,28 +84,33 @@ def open_backend(model_dir: str, backend: str, device: str, precision: str | Non
     return decoder, Vocab.load(model_dir), decode_config(info)
 
 
-def open_model(model: str, backend: str = "torch", device: str = "cpu") -> tuple[DecoderStep, Vocab, DecodeConfig]:
+def open_model(model: str, backend: str = "torch", device: str = "cpu",
+               precision: str | None = None) -> tuple[DecoderStep, Vocab, DecodeConfig]:
     """One model as (decoder, vocabulary, decode defaults): a run folder or checkpoint for torch (under torchrun,
-    `cuda` is this process's GPU), an export folder for the others."""
+    `cuda` is this process's GPU; precision fp32 or bf16), an export folder for the others."""
     if backend == "torch":
         from nmt import parallel
         from nmt.checkpoint import load_model
 
-        net, vocab, config = load_model(model, parallel.device_for(device, parallel.ranks().local_rank, "--device",
-                                                                   "use --device cpu"))
-        return net, vocab, config.decode
-    return open_backend(model, backend, device)
+        chosen = precision or os.environ.get("NMT_PRECISION") or "fp32"
+        if chosen not in TORCH_PRECISIONS:
+            raise NMTError(f"precision {chosen!r}: the torch backend runs {' or '.join(TORCH_PRECISIONS)}")
+        device = parallel.device_for(device, parallel.ranks().local_rank, "--device", "use --device cpu")
+        net, vocab, config = load_model(model, device)
+        return (AutocastStep(net, device) if chosen == "bf16" else net), vocab, config.decode
+    return open_backend(model, backend, device, precision)
 
 
 def open_translator(model: str | list[str], backend: str = "torch", device: str = "cpu",
-                    **decode_overrides) -> Translator:
-    """A Translator over the chosen backend; several models make an ensemble (nmt.ensemble) with the first one's
-    decode defaults; `decode_overrides` replace DecodeConfig fields (None = keep)."""
+                    precision: str | None = None, **decode_overrides) -> Translator:
+    """A Translator over the chosen backend and precision (default: NMT_PRECISION, else fp32; fp16 for TensorRT
+    exports with fp16 graphs); several models make an ensemble (nmt.ensemble) with the first one's decode
+    defaults; `decode_overrides` replace DecodeConfig fields (None = keep)."""
     from nmt import parallel
     from nmt.ensemble import combine
 
     models = [model] if isinstance(model, str) else list(model)
-    opened = [open_model(name, backend, device) for name in models]
+    opened = [open_model(name, backend, device, precision) for name in models]
     net, vocab = combine([(f"--model {name}", step, vocab) for name, (step, vocab, _) in zip(models, opened)])
     overrides = {k: v for k, v in decode_overrides.items() if v is not None}
     try:

@@ -164,3 +164,18 @@ def test_translate_under_torchrun_gives_one_process_s_output_line_for_line(toy_r
     to_stdout = torchrun("translate", "--model", str(toy_run), "--input", str(source), "--beam-size", "3",
                          "--scores", cwd=tmp_path, port=29532)
     assert to_stdout.stdout == single.stdout.decode()  # rank 0 alone prints, in input order
+
+
+def test_bf16_precision_keeps_float32_states_and_translates_as_float32_does(toy_run, toy_corpus):
+    from serving.backends import open_translator
+
+    lines = (toy_corpus / "test.src").read_text().splitlines()[:40]
+    plain = open_translator(str(toy_run)).translate(lines, beam_size=3)
+    bf16 = open_translator(str(toy_run), precision="bf16")
+    state = bf16.decoder.encode(torch.tensor([[5, 6, 3]]), torch.tensor([3]))
+    _, state = bf16.decoder.step(torch.tensor([2]), state)
+    assert state.rows["hidden"].dtype == torch.float32
+    same = sum(a[0].text == b[0].text for a, b in zip(plain, bf16.translate(lines, beam_size=3)))
+    assert same >= 36  # bf16 products round differently, rarely enough to change a translation
+    with pytest.raises(Exception, match="torch backend runs fp32 or bf16"):
+        open_translator(str(toy_run), precision="int8")
