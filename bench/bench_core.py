@@ -136,7 +136,8 @@ def timed_training(trainer: Trainer, steps: int) -> tuple[float, float, Batch]:
 
 def bench_config(args: argparse.Namespace, work: Path) -> Config:
     if args.config:
-        return load_config(args.config, [f"train.out_dir={work / 'run'}", "train.progress=false", *args.set])
+        amp = [f"train.amp={args.amp}"] if args.amp else []
+        return load_config(args.config, [f"train.out_dir={work / 'run'}", "train.progress=false", *amp, *args.set])
     corpus = Path(args.corpus) if args.corpus else work
     if not args.corpus:
         synthetic_corpus(work)

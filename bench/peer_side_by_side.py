@@ -3,6 +3,7 @@ and SentencePiece model, one thread and one core each, both at once for the same
 decode the test books at once (beam 5 and greedy, batch 32, one thread each) and are scored with sacrebleu.
 
     python bench/peer_side_by_side.py --corpus runs/corpus --work runs/peer --seconds 2700 [--set key=value ...]
+    python bench/peer_side_by_side.py --corpus runs/corpus --work runs/peer --decode-only --precision bf16
 
 --corpus: a prepared corpus folder ({train,dev,test}.{es,en}, e.g. `nmt prepare bible`). WORK gets the joint
 16k SentencePiece model (vocab/), the peer's prepared data and run (onmt/), our run (ours/) and summary.json.
@@ -56,7 +57,7 @@ def our_training_stats(run_dir: Path, budget: float) -> dict:
                      "bleu": round(r["valid_bleu"], 2)} for r in rows if "valid_loss" in r]}
 
 
-def decode_ours(work: Path, checkpoint: Path, source: Path, reference: Path, log: Path) -> dict:
+def decode_ours(work: Path, checkpoint: Path, source: Path, reference: Path, log: Path, precision: str) -> dict:
     """Beam 5 then greedy, batch 32, one thread, each whole command timed (as opennmt.sh times the peer's)."""
     results = {}
     for mode, beam in (("beam5", "5"), ("greedy", "1")):
@@ -65,7 +66,7 @@ def decode_ours(work: Path, checkpoint: Path, source: Path, reference: Path, log
         began = time.perf_counter()
         subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "nmt.cli", "translate", "--model", str(checkpoint),
                         "--input", str(source), "--output", str(hyp), "--beam-size", beam, "--length-penalty", "1.0",
-                        "--batch-size", "32"], check=True, env={**os.environ, **THREADS},
+                        "--batch-size", "32", "--precision", precision], check=True, env={**os.environ, **THREADS},
                        stdout=open(log, "a"), stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - began
         scores = subprocess.run([sys.executable, "-m", "nmt.cli", "evaluate", "--hyp", str(hyp), "--ref",
@@ -77,6 +78,21 @@ def decode_ours(work: Path, checkpoint: Path, source: Path, reference: Path, log
     return results
 
 
+def decode_both(work: Path, opennmt: list[str], venv: str, precision: str) -> tuple[dict, dict]:
+    """The peer's decodes (on core 1) and ours (on core 0) at once: the peer's scores.json and our figures."""
+    data = work / "onmt" / "data"
+    peer_decode = run(opennmt + ["decode", venv, str(work / "onmt")], work / "onmt-decode.log", 1)
+    our_decodes = decode_ours(work, work / "ours" / "checkpoints" / "last.pt", data / "test.es", data / "test.en",
+                              work / "ours-decode.log", precision)
+    wait_all(peer_decode)
+    return json.loads((work / "onmt" / "logs" / "scores.json").read_text()), our_decodes
+
+
+def cpu_model() -> str | None:
+    model_name = re.search(r"Model name:\s*(.+)", subprocess.run(["lscpu"], capture_output=True, text=True).stdout)
+    return model_name.group(1).strip() if model_name else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", required=True)
@@ -86,6 +102,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--peers", default=str(REPO.parent / "shared" / "peers"))
     parser.add_argument("--venv", default=str(REPO.parent / "onmt-venv"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="our decoding precision (bf16: matrix products on AMX or AVX512-BF16)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="decode again with the models WORK holds (both at once), into summary-decode-PRECISION.json")
     args = parser.parse_args()
 
     work, corpus, peers = Path(args.work).resolve(), Path(args.corpus).resolve(), Path(args.peers).resolve()
@@ -102,14 +122,22 @@ def main() -> None:
     subprocess.run(opennmt + ["install", args.venv], check=True, stdout=subprocess.DEVNULL)
     if not (work / "onmt" / "opennmt.yaml").is_file():
         subprocess.run(opennmt + ["prepare", args.venv, str(corpus), str(spm), str(work / "onmt")], check=True)
+    if args.decode_only:
+        peer_scores, our_decodes = decode_both(work, opennmt, args.venv, args.precision)
+        summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_model(), "precision": args.precision,
+                   "ours": our_decodes, "opennmt": peer_scores,
+                   "sentences_per_s_ratio": {
+                       mode: round(our_decodes[mode]["sentences_per_s"] / peer_scores[mode]["sent_s"], 2)
+                       for mode in our_decodes}}
+        (work / f"summary-decode-{args.precision}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary, indent=2))
+        return
     shutil.rmtree(work / "ours", ignore_errors=True)
     (work / "ours" / "vocab").mkdir(parents=True)
     shutil.copy(spm, work / "ours" / "vocab" / "spm.model")  # our trainer reuses the model it finds there
     shutil.copy(args.config, work / "ours.yaml")
     sets = [item for key in args.set for item in ("--set", key)]
 
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = re.search(r"Model name:\s*(.+)", cpu)
     began = time.strftime("%Y-%m-%d %H:%M:%S")
     ours = run(["timeout", "--signal=INT", "--kill-after=180", str(args.seconds), sys.executable, "-m", "nmt.cli",
                 "train", str(work / "ours.yaml"), "--set", "train.progress=false", *sets], work / "ours-train.log", 0,
@@ -117,15 +145,9 @@ def main() -> None:
     peer = run(opennmt + ["train", args.venv, str(work / "onmt"), str(args.seconds)], work / "onmt-train.log", 1)
     wait_all(ours, peer)
 
-    data = work / "onmt" / "data"
-    peer_decode = run(opennmt + ["decode", args.venv, str(work / "onmt")], work / "onmt-decode.log", 1)
-    our_decodes = decode_ours(work, work / "ours" / "checkpoints" / "last.pt", data / "test.es", data / "test.en",
-                              work / "ours-decode.log")
-    wait_all(peer_decode)
-
+    peer_scores, our_decodes = decode_both(work, opennmt, args.venv, args.precision)
     peer_train = json.loads((work / "onmt" / "logs" / "train_stats.json").read_text())
-    peer_scores = json.loads((work / "onmt" / "logs" / "scores.json").read_text())
-    summary = {"date": began, "cpu": model_name.group(1).strip() if model_name else None, "budget_s": args.seconds,
+    summary = {"date": began, "cpu": cpu_model(), "budget_s": args.seconds,
                "ours": {"config": args.config, "set": args.set, **our_training_stats(work / "ours", args.seconds),
                         "decode": our_decodes},
                "opennmt": {"train": peer_train, "decode": peer_scores}}

@@ -1,8 +1,9 @@
 """distill.py — knowledge distillation from a teacher to a (smaller) student; `nmt distill`.
 
-Sequence-level KD (Kim & Rush 2016): the teacher translates the whole training source with beam search, in
-shards written atomically (a kill loses at most one shard), and the student trains on those translations,
-optionally with the original pairs too, or with the n-best hypothesis closest to the reference (Seq-Inter).
+Sequence-level KD (Kim & Rush 2016): the teacher translates the training sources that the student's length filter
+keeps with beam search, in shards written atomically (a kill loses at most one shard), and the student trains on
+those translations, optionally with the original pairs too, or with the n-best hypothesis closest to the reference
+(Seq-Inter).
 Word-level KD optionally adds cross-entropy to the teacher's top-k distribution per target token.
 """
 
@@ -20,7 +21,7 @@ import torch
 from nmt import parallel
 from nmt.checkpoint import load_model
 from nmt.config import Config, load_config
-from nmt.data import Batch, load_parallel, write_atomic
+from nmt.data import Batch, load_parallel, rejection, write_atomic
 from nmt.ensemble import combine
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
@@ -116,11 +117,16 @@ def distill_corpus(config: Config) -> dict[str, Any]:
     files = config.distilled_corpus()
     folder = Path(files.src).parent
     table = load_parallel(config.data.train)
-    sources, references = list(table["src"]), list(table["tgt"])
+    # a source the student's length filter drops whatever the teacher writes is not worth translating
+    all_sources, all_references = list(table["src"]), list(table["tgt"])
+    pieces = [len(ids) for ids in vocab.encode_src([line.strip() for line in all_sources])]
+    kept = [i for i, n in enumerate(pieces) if rejection(n, n, config.data) is None]
+    sources, references = [all_sources[i] for i in kept], [all_references[i] for i in kept]
     began = time.time()
     translator = Translator(teacher, vocab, teacher_config.decode, device)
     targets = translate_shards(translator, sources, references, folder / "shards", config)
     summary = {"distilled_pairs": len(sources) * (2 if config.distill.keep_original else 1),
+               "sources_too_short_or_long": len(pieces) - len(kept),
                "teacher": config.distill.teacher, "translate_s": round(time.time() - began, 1)}
     ranks = parallel.ranks()
     if ranks.rank == 0:  # the others wait for the corpus at the barrier

@@ -121,7 +121,11 @@ class Trainer:
                              self.vocab.output_ids).to(self.device)
         if self.cfg.init_from and not resume:
             source = resolve_checkpoint(self.cfg.init_from)
-            self.model.load_state_dict(model_from_payload(load_checkpoint(source), str(source))[0].state_dict())
+            try:
+                self.model.load_state_dict(model_from_payload(load_checkpoint(source), str(source))[0].state_dict())
+            except RuntimeError:
+                raise NMTError(f"train.init_from: {source} is a model of another shape or vocabulary than this "
+                               f"config's") from None
         self.ddp_model = self.model
         if self.world > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(

@@ -315,6 +315,8 @@ class RecipeRun:
                 sections["vocab"] = self.recipe.teacher.get("vocab", {})
             if role == "student":
                 sections["distill"] = {**self.recipe.distill, "teacher": str(self.model_dir("teacher"))}
+                if sections["train"].get("init_from") == "teacher":  # fine-tune the teacher on its own outputs
+                    sections["train"]["init_from"] = str(self.checkpoint("teacher"))
             self._configs[role] = config_from_dict(sections, self.recipe.path.parent, check_files=False)
         return self._configs[role]
 
@@ -627,11 +629,13 @@ def evaluate_apertium(run: RecipeRun) -> dict[str, Any]:
 
 
 def _distill_inputs(run: RecipeRun) -> Any:
-    """What the distilled corpus depends on (besides the teacher): the training data and the distill section."""
+    """What the distilled corpus depends on (besides the teacher): the training data, the student's length filter
+    (sources it drops are not translated) and the distill section."""
     if run.recipe.student is None:
         return None
     config = run.config("student")
-    return [dataclasses.asdict(config.data.train), dataclasses.asdict(config.distill)]
+    return [dataclasses.asdict(config.data.train), config.data.min_len, config.data.max_len,
+            dataclasses.asdict(config.distill)]
 
 
 def _distill_outputs(run: RecipeRun) -> list[Path]:

@@ -9,6 +9,7 @@ Runtime on CPU, from `nmt export --int8`) or fp16 (from `nmt export --fp16`; Ten
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -26,18 +27,21 @@ TORCH_PRECISIONS = ("fp32", "bf16")
 
 
 class AutocastStep:
-    """The torch model as a DecoderStep under torch.autocast: bf16 matrix products (AMX on recent Xeons, tensor
-    cores on GPUs), the recurrent states and the log-probabilities in float32."""
+    """The torch model as a DecoderStep in bf16 (AMX on recent Xeons, tensor cores on GPUs): a bf16 copy of its
+    weights, made once (under autocast alone, casting the weights at every step costs as much as the products at
+    decoding's batch sizes), matrix products under torch.autocast, the recurrent states and the log-probabilities
+    in float32."""
 
     def __init__(self, model: DecoderStep, device: str) -> None:
-        self.model, self.device_type = model, torch.device(device).type
+        self.model, self.device_type = copy.deepcopy(model).to(torch.bfloat16), torch.device(device).type
 
     def parameter_count(self) -> int:
         return self.model.parameter_count()
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> State:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            return self.model.encode(src, src_lengths)
+            state = self.model.encode(src, src_lengths)
+        return State({name: rows.float() for name, rows in state.rows.items()}, state.sentences)
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):

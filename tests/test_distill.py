@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,21 @@ def test_killed_distillation_resumes_without_redoing_finished_shards(toy_corpus,
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())
     assert len(shards[2].read_text().splitlines()) == 1000
     assert len((tmp_path / "run/distill/train.tgt").read_text().splitlines()) == 3000
+
+
+def test_sources_the_students_length_filter_drops_are_not_translated(toy_corpus, toy_run, tmp_path):
+    config = student_config(toy_corpus, toy_run, tmp_path / "run")
+    _, vocab, _ = load_model(toy_run)
+    sources = (toy_corpus / "train.src").read_text().splitlines()
+    pieces = [len(ids) for ids in vocab.encode_src(sources)]
+    limit = sorted(pieces)[len(pieces) // 2]  # about half the sources are longer
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_len=limit))
+    summary = run_distill(config=config, corpus_only=True)
+    kept = [s for s, n in zip(sources, pieces) if n <= limit]
+    assert 0 < len(kept) < len(sources)
+    assert (tmp_path / "run/distill/train.src").read_text().splitlines() == kept
+    assert len((tmp_path / "run/distill/train.tgt").read_text().splitlines()) == len(kept)
+    assert summary["distilled_pairs"] == len(kept) and summary["sources_too_short_or_long"] == len(sources) - len(kept)
 
 
 def test_seq_inter_and_keep_original_build_the_corpus_from_n_best_and_references(toy_corpus, toy_run, tmp_path):

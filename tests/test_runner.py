@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nmt.distill import student_trainer
@@ -343,3 +344,19 @@ def test_apertium_is_scored_beside_the_models_on_the_same_test_sentences(toy_cor
     run_recipe(path, start="evaluate_apertium", end="evaluate_apertium", force=True)
     state = json.loads((tmp_path / "recipe" / "run" / "state.json").read_text())["stages"]
     assert state["evaluate_apertium"]["status"] == "skipped" and "not installed" in state["evaluate_apertium"]["message"]
+
+
+def test_student_fine_tuned_from_the_teacher_starts_from_its_weights(run_copy, toy_corpus):
+    values = recipe_values(toy_corpus)
+    values["student"] = {"train": {"init_from": "teacher", "lr": 1e-9, "max_steps": 1, "valid_every": 1}}
+    write_recipe(run_copy, values)
+    run_recipe(run_copy / "recipe.yaml")
+    load = lambda role: torch.load(run_copy / "run" / role / "checkpoints" / "best.pt", weights_only=True)["model"]
+    teacher, student = load("teacher"), load("student")
+    assert teacher.keys() == student.keys()
+    for name in teacher:
+        torch.testing.assert_close(student[name], teacher[name], atol=1e-6, rtol=0)
+    values["student"] = {"model": {"decoder_hidden": 48}, "train": {"init_from": "teacher", "max_steps": 2}}
+    write_recipe(run_copy, values)
+    with pytest.raises(NMTError, match="init_from: .* another shape"):
+        run_recipe(run_copy / "recipe.yaml")
