@@ -138,7 +138,7 @@ class DecodeConfig:
     length_penalty: float = 1.0  # GNMT alpha; 0 ranks by total log-probability
     max_len_ratio: float = 2.0
     min_len: int = 0
-    max_input_len: int = 250  # pieces; longer inputs are cropped (with a warning)
+    max_input_len: int = 250  # pieces; longer inputs are translated in parts (with a warning)
     batch_size: int = 64
 
 

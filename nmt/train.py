@@ -26,7 +26,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from nmt import parallel
+from nmt import parallel, runlock
 from nmt.average import ExponentialAverage
 from nmt.checkpoint import load_checkpoint, model_from_payload, resolve_checkpoint, save_checkpoint
 from nmt.config import Config, config_from_checkpoint, load_config
@@ -103,11 +103,12 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.quiet = quiet or self.rank != 0
         last = self.ckpt_dir / "last.pt"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = runlock.acquire(self.run_dir) if self.rank == 0 else None  # before looking at its checkpoints
         if not resume and last.exists():
             raise NMTError(f"{self.run_dir} already holds a training run: use --resume, or another train.out_dir")
         if resume and not last.exists():
             raise NMTError(f"nothing to resume: {last} does not exist")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._setup_logging()
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -383,6 +384,8 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.writer is not None:
                 self.writer.close()
+            if self.lock is not None:
+                runlock.release(self.lock)
         summary = {"steps": p.step, "epochs": p.epoch, "target_tokens": p.target_tokens, "best_bleu": p.best_bleu,
                    "best_step": p.best_step,
                    "parameters": self.model.parameter_count(), "wall_s": round(time.time() - started, 1),

@@ -1,14 +1,16 @@
 """translate.py — raw text in, detokenized text out, over any DecoderStep backend; `nmt translate` / `nmt score`.
 
-`Translator` owns the text side of decoding: SentencePiece encoding, cropping of over-long inputs, batching by
-length, greedy or beam search (nmt.search), restoring input order, detokenizing. Exactly one result per input
-line, whatever the line holds (an empty line gives an empty translation). Backends are built elsewhere.
+`Translator` owns the text side of decoding: SentencePiece encoding, splitting of over-long inputs (at sentence
+punctuation, else between words, else at the piece limit; the parts' translations joined, so no text is lost),
+batching by length, greedy or beam search (nmt.search), restoring input order, detokenizing. Exactly one result
+per input line, whatever the line holds (an empty line gives an empty translation). Backends are built elsewhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ from nmt.search import DecoderStep, Hypothesis, beam_search, forced_scores, gree
 from nmt.vocab import EOS_ID, Vocab
 
 
+SENTENCE_END = re.compile(r"(?<=[.!?;:。！？；：])\s+|(?<=[。！？])")  # where an over-long line is cut first
+
+
 @dataclass
 class Translation:
     text: str
@@ -32,12 +37,20 @@ class Translation:
     tokens: list[int]
 
 
+def joined(parts: list[Translation]) -> Translation:
+    """The translation of a line translated in parts: texts joined by a space, scores summed."""
+    return Translation(" ".join(p.text for p in parts if p.text), sum(p.score for p in parts),
+                       [token for p in parts for token in p.tokens])
+
+
 class Translator:
     def __init__(self, decoder: DecoderStep, vocab: Vocab, decode: DecodeConfig, device: str | torch.device = "cpu"):
         self.decoder, self.vocab, self.decode, self.device = decoder, vocab, decode, torch.device(device)
-        self.cropped = 0  # inputs cut to decode.max_input_len so far
+        self.split = 0  # inputs longer than decode.max_input_len translated in parts so far
+        self.cropped = 0  # sources cut to decode.max_input_len so far (forced scoring only)
 
     def _source_ids(self, lines: list[str]) -> list[list[int]]:
+        """Source pieces of each line, cropped to decode.max_input_len (with eos): what scoring reads."""
         ids = self.vocab.encode_src([line.strip() for line in lines])
         limit = self.decode.max_input_len - 1  # room for eos
         for i, seq in enumerate(ids):
@@ -45,6 +58,36 @@ class Translator:
                 ids[i] = seq[:limit]
                 self.cropped += 1
         return ids
+
+    def _parts(self, line: str, limit: int) -> list[list[int]]:
+        """An over-long line's pieces in parts of at most `limit`: whole sentences packed together where they fit,
+        a sentence too long by itself cut between words, a word too long by itself cut at the limit."""
+        units = []
+        for sentence in SENTENCE_END.split(line):
+            ids = self.vocab.encode_src([sentence])[0]
+            if len(ids) <= limit:
+                units.append(ids)
+                continue
+            for word_ids in self.vocab.encode_src(sentence.split()):
+                units.extend(word_ids[start: start + limit] for start in range(0, len(word_ids), limit))
+        parts = [[]]
+        for ids in units:
+            if len(parts[-1]) + len(ids) > limit:
+                parts.append([])
+            parts[-1].extend(ids)
+        return [part for part in parts if part]
+
+    def _sources(self, lines: list[str]) -> tuple[list[list[int]], list[int]]:
+        """The sources to search: each line's pieces, or its parts when longer than decode.max_input_len (with
+        eos); and for each source the line it belongs to."""
+        limit = self.decode.max_input_len - 1  # room for eos
+        sources, owners = [], []
+        for i, (line, ids) in enumerate(zip(lines, self.vocab.encode_src([line.strip() for line in lines]))):
+            parts = [ids] if len(ids) <= limit else self._parts(line.strip(), limit)
+            self.split += len(parts) > 1
+            sources.extend(parts)
+            owners.extend([i] * len(parts))
+        return sources, owners
 
     def _batches(self, ids: list[list[int]]) -> Iterator[list[int]]:
         """Indices of non-empty inputs, longest first, in batches of decode.batch_size."""
@@ -54,13 +97,14 @@ class Translator:
 
     def translate(self, lines: list[str], **overrides) -> list[list[Translation]]:
         """Translate lines; `overrides` replace DecodeConfig fields (beam_size, nbest, length_penalty, ...).
-        Returns `nbest` translations per line (beam 1 = greedy search)."""
+        Returns `nbest` translations per line (beam 1 = greedy search); for a line translated in parts, the
+        k-th translations of its parts joined."""
         decode = dataclasses.replace(self.decode, **{k: v for k, v in overrides.items() if v is not None})
         if decode.nbest > decode.beam_size:
             raise NMTError(f"--nbest {decode.nbest} is larger than --beam-size {decode.beam_size}")
-        ids = self._source_ids(lines)
+        ids, owners = self._sources(lines)
         empty = [Translation("", 0.0, [])] * decode.nbest
-        results: list[list[Translation]] = [empty for _ in lines]
+        results: list[list[Translation]] = [empty for _ in ids]
         for batch in self._batches(ids):
             src, lengths = pad([ids[i] for i in batch], suffix=EOS_ID)
             src, lengths = src.to(self.device), lengths.to(self.device)
@@ -71,7 +115,13 @@ class Translator:
                                    decode.max_len_ratio, decode.min_len)
             for i, nbest in zip(batch, hyps):
                 results[i] = [self._text(h) for h in nbest] + empty[len(nbest):]
-        return results
+        if len(ids) == len(lines):
+            return results
+        parts: list[list[list[Translation]]] = [[] for _ in lines]
+        for owner, result in zip(owners, results):
+            parts[owner].append(result)
+        return [[joined([part[k] for part in line]) for k in range(decode.nbest)] if len(line) > 1 else line[0]
+                for line in parts]
 
     def _text(self, hyp: Hypothesis) -> Translation:
         return Translation(self.vocab.decode_tgt(hyp.tokens), hyp.score, hyp.tokens)
@@ -138,10 +188,10 @@ def run_translate(translator: Translator, input: str | None = None, output: str 
             _write(output, results, scores, append=False)
     elif not lines:
         _write(output, [], scores, append=False)
-    cropped = ranks.gather([translator.cropped])
-    if cropped and sum(cropped):
-        print(f"warning: {sum(cropped)} input line(s) longer than {translator.decode.max_input_len} pieces "
-              f"were cropped", file=sys.stderr)
+    split = ranks.gather([translator.split])
+    if split and sum(split):
+        print(f"warning: {sum(split)} input line(s) longer than {translator.decode.max_input_len} pieces were "
+              f"translated in parts (split at sentence ends, else between words)", file=sys.stderr)
     return len(lines)
 
 
@@ -163,6 +213,9 @@ def run_score(translator: Translator, src: str, tgt: str, output: str | None = N
         if not Path(path).is_file():
             raise NMTError(f"file not found: {path}")
     totals = translator.score(read_lines(src), read_lines(tgt))
+    if translator.cropped:
+        print(f"warning: {translator.cropped} source line(s) longer than {translator.decode.max_input_len} pieces "
+              f"were scored on their first {translator.decode.max_input_len - 1}", file=sys.stderr)
     out = _open_output(output)
     try:
         for total in totals:

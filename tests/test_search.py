@@ -161,3 +161,29 @@ def test_row_max_equals_torch_max_with_ties_and_masked_entries(vocab):
     assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
     assert indices[1] == 3 and indices[2] == vocab - 1
     assert row_max(scores[:0])[1].shape == (0,)
+
+
+def test_an_over_long_line_is_translated_in_parts_and_no_word_is_lost(toy_run):
+    from dataclasses import replace
+
+    from nmt.checkpoint import load_model
+    from nmt.translate import Translator
+
+    model, vocab, config = load_model(toy_run)
+    translator = Translator(model, vocab, replace(config.decode, max_input_len=8))  # 7 pieces and eos
+    words = ("a b c d e f g " "h i j k l a b " "c d e").split()
+    [[long]] = translator.translate([" ".join(words)], beam_size=3)
+    groups = [[]]  # the words of each part: as many as fit in 7 pieces
+    for word in words:
+        if sum(len(vocab.encode_src([w])[0]) for w in groups[-1] + [word]) > 7:
+            groups.append([])
+        groups[-1].append(word)
+    assert len(groups) >= 3
+    # each part reversed by the toy model, the parts joined in order: no word lost
+    assert long.text == " ".join(" ".join(reversed(group)) for group in groups) and translator.split == 1
+    # whole sentences are packed into a part where they fit, a sentence is never cut when it fits alone
+    parts = translator._parts("a b c. d e. f g h", 10)
+    sentences = [vocab.encode_src([s])[0] for s in ("a b c.", "d e.", "f g h")]
+    assert len(sentences[0]) + len(sentences[1]) <= 10 < len(sentences[0]) + len(sentences[1]) + len(sentences[2])
+    assert parts == [sentences[0] + sentences[1], sentences[2]]
+    assert translator.translate(["a b c"])[0][0].text == "c b a" and translator.split == 1

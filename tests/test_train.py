@@ -17,6 +17,7 @@ import yaml
 
 from conftest import toy_config
 from nmt.checkpoint import load_checkpoint, load_model
+from nmt.config import load_config
 from nmt.errors import NMTError
 from nmt.evaluate import bleu
 from nmt.train import LRSchedule, Trainer
@@ -262,8 +263,8 @@ def test_ddp_under_torchrun_trains_two_processes_with_one_checkpoint(toy_corpus,
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(toy_config(toy_corpus, tmp_path / "run", train={"max_steps": 6, "valid_every": 3}).to_dict()))
     env = {**os.environ, "NMT_DDP_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29517", "-m", "nmt.cli", "train", str(config)], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "nmt.cli", "train", str(config)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "world size 2" in (tmp_path / "run/train.log").read_text()
@@ -290,3 +291,26 @@ def test_an_empty_dev_set_is_a_one_line_error(toy_corpus, tmp_path):
         config.data, dev=dataclasses.replace(config.data.dev, src=str(tmp_path / "dev.src"), tgt=str(tmp_path / "dev.tgt"))))
     with pytest.raises(NMTError, match="data.dev: .* has no sentences"):
         Trainer(config, quiet=True)
+
+
+def test_a_second_training_in_a_folder_in_use_refuses_and_a_stale_lock_is_taken_over(toy_corpus, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(toy_config(toy_corpus, run, train={"max_steps": 2, "valid_every": 2}).to_dict()))
+    holder = subprocess.Popen(["sleep", "60"])  # stands for a training that holds the folder
+    try:
+        (run / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
+        second = subprocess.run([sys.executable, "-m", "nmt.cli", "train", str(config)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines() == [
+            f"error: {run} is in use by training process {holder.pid} on {os.uname().nodename} "
+            f"(lock file {run / '.lock'}; remove it if that process is gone)"]
+        assert not (run / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (killed): its lock is stale, the next training takes it over and releases it at the end
+    summary = Trainer(load_config(str(config)), quiet=True).train()
+    assert summary["steps"] == 2 and not (run / ".lock").exists()
