@@ -110,6 +110,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(toy_corpus, tmp_path
     assert err.strip().splitlines()[-1].startswith("error: interrupted at step")
     assert "Traceback" not in err
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["progress"]["step"] > 0
+    assert not (tmp_path / "run/.lock").exists()  # released: a resume may start at once
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(toy_corpus, tmp_path):
