@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import select
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,16 +149,34 @@ def format_line(translation: Translation, with_score: bool) -> str:
     return f"{translation.score:.4f}\t{text}" if with_score else text
 
 
-def _read_input(path: str | None) -> list[str]:
-    if path is None or path == "-":
-        data = sys.stdin.buffer.read()
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        return [line.rstrip(b"\r").decode("utf-8", errors="replace") for line in lines]
-    if not Path(path).is_file():
-        raise NMTError(f"input file not found: {path}")
-    return read_lines(path)
+def _arriving_lines(fd: int, most: int) -> Iterator[list[str]]:
+    """Lines of a pipe or terminal as they arrive: once a line is complete, it and whatever else has already
+    arrived (up to `most` lines) make one batch, so a pipe is translated as it is written and memory stays bounded
+    whatever the input's length. Invalid UTF-8 is replaced, a final line without a newline is kept."""
+    ready: list[bytes] = []  # complete lines not given out yet
+    partial, ended = b"", False
+
+    def read() -> None:
+        nonlocal partial, ended
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            ended = True
+            if partial:
+                ready.append(partial)
+            return
+        *complete, partial = (partial + chunk).split(b"\n")
+        ready.extend(complete)
+
+    while True:
+        while not ready and not ended:  # wait for a whole line
+            read()
+        while not ended and len(ready) < most and select.select([fd], [], [], 0)[0]:
+            read()  # what else is there now, without waiting
+        if not ready:
+            return
+        batch = ready[:most]
+        del ready[:most]
+        yield [line.rstrip(b"\r").decode("utf-8", errors="replace") for line in batch]
 
 
 def _open_output(path: str | None, append: bool = False) -> TextIO:
@@ -172,9 +192,20 @@ def run_translate(translator: Translator, input: str | None = None, output: str 
     Under torchrun each rank translates a contiguous share of the input file and rank 0 writes every share's
     output in input order. Returns the number of input lines."""
     ranks = parallel.ranks()
-    if ranks.world > 1 and (input is None or input == "-"):
-        raise NMTError("under torchrun, give the input as a file (--input): the ranks read their shares of it")
-    lines = _read_input(input)
+    if input is None or input == "-":
+        if ranks.world > 1:
+            raise NMTError("under torchrun, give the input as a file (--input): the ranks read their shares of it")
+        total = 0
+        for lines in _arriving_lines(sys.stdin.fileno(), chunk_lines):
+            _write(output, translator.translate(lines, **overrides), scores, append=total > 0)
+            total += len(lines)
+        if total == 0:
+            _write(output, [], scores, append=False)
+        _warn_split(translator, ranks)
+        return total
+    if not Path(input).is_file():
+        raise NMTError(f"input file not found: {input}")
+    lines = read_lines(input)
     mine = ranks.share(len(lines))
     results = []
     for start in range(mine.start, mine.stop, chunk_lines):
@@ -188,11 +219,15 @@ def run_translate(translator: Translator, input: str | None = None, output: str 
             _write(output, results, scores, append=False)
     elif not lines:
         _write(output, [], scores, append=False)
+    _warn_split(translator, ranks)
+    return len(lines)
+
+
+def _warn_split(translator: Translator, ranks: parallel.Ranks) -> None:
     split = ranks.gather([translator.split])
     if split and sum(split):
         print(f"warning: {sum(split)} input line(s) longer than {translator.decode.max_input_len} pieces were "
               f"translated in parts (split at sentence ends, else between words)", file=sys.stderr)
-    return len(lines)
 
 
 def _write(output: str | None, results: list[list[Translation]], scores: bool, append: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,27 @@ def test_one_output_line_per_input_line_whatever_the_input(toy_run):
     assert result[0] == "c b a"
     assert result[1] == result[2] == result[3] == result[8] == ""
     assert b"1 input line(s) longer than 250 pieces were translated in parts" in out.stderr  # the 2,000 words
+
+
+def test_translate_from_a_pipe_answers_each_line_as_it_arrives(toy_run):
+    proc = subprocess.Popen([sys.executable, "-m", "nmt.cli", "translate", "--model", str(toy_run), "--beam-size", "2"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def answer(line: bytes) -> bytes:
+        proc.stdin.write(line)
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "no translation while the input stays open"
+        return proc.stdout.readline()
+
+    try:
+        assert answer(b"a b c\n") == b"c b a\n"  # the pipe is still open: translated on arrival
+        assert answer(b"d e f g\n") == b"g f e d\n"
+        proc.stdin.write(b"h i\n\nj k")  # a last line without a newline
+        proc.stdin.close()
+        assert proc.stdout.read() == b"i h\n\nk j\n" and proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
 
 
 def test_nbest_prints_n_lines_per_input_in_order(toy_run):
