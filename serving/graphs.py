@@ -17,6 +17,8 @@ ENCODER_INPUTS = ["src", "src_lengths"]
 STEP_INPUTS = ["prev_tokens", "hidden", "att_vec", "memory", "keys", "src_mask"]
 STEP_OUTPUTS = ["log_probs", "new_hidden", "new_att_vec", "weights"]
 PRECISION_SUFFIX = {"fp32": "", "fp16": ".fp16", "int8": ".int8"}
+SIZE_KEYS = ("decoder_layers", "decoder_hidden", "memory_size", "attention_dim", "att_vec_size", "tgt_vocab_size",
+             "src_vocab_size")
 
 
 def graph_file(kind: str, precision: str = "fp32") -> str:
@@ -61,4 +63,34 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise NMTError(f"{path}: not an nmt export (format {info.get('format') if isinstance(info, dict) else None!r}, "
                        f"expected {FORMAT!r})")
+    for key in SIZE_KEYS:
+        value = info.get(key)
+        if type(value) is not int or value < 1:
+            raise NMTError(f"{path}: {key} must be a positive integer, got {value!r}")
+    lstm = info.get("rnn_type") == "lstm"
+    for key, names in io_names(lstm).items():
+        if info.get(key) != names:
+            raise NMTError(f"{path}: {key} must be {names} for a {info.get('rnn_type')!r} model, got {info.get(key)!r}")
+    files = info.get("files")
+    if not isinstance(files, dict) or "fp32" not in files or not all(
+            isinstance(f, dict) and all(isinstance(f.get(kind), str) for kind in ("encoder", "decoder_step"))
+            for f in files.values()):
+        raise NMTError(f"{path}: files must map each precision to its encoder and decoder_step graphs")
     return info
+
+
+def check_graph_outputs(info: dict[str, Any], kind: str, declared: dict[str, list], where: str) -> None:
+    """One NMTError line unless a graph's outputs are the ones model.json describes: the same names, and every
+    fixed size (not batch, source length or rows) as model.json says. `declared`: output name → shape, dims as
+    ints or symbolic names, as ONNX Runtime or TensorRT report them."""
+    expected = output_shapes(info, kind, -1, -1, -1)  # -1: the dynamic axes
+    if sorted(declared) != sorted(expected):
+        raise NMTError(f"{where}: not the {kind} graph of this export (outputs {sorted(declared)}, model.json says "
+                       f"{sorted(expected)})")
+    for name, shape in declared.items():
+        if len(shape) != len(expected[name]) or any(
+                isinstance(got, int) and got >= 0 and want >= 0 and got != want
+                for got, want in zip(shape, expected[name])):
+            raise NMTError(f"{where}: output {name} has shape {list(shape)}, model.json says "
+                           f"{[d if d >= 0 else '?' for d in expected[name]]} (graphs and model.json of different "
+                           f"models?)")

@@ -15,7 +15,7 @@ import torch
 
 from nmt.errors import NMTError
 from nmt.search import State
-from serving.graphs import output_shapes
+from serving.graphs import check_graph_outputs, output_shapes
 
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
              "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
@@ -64,7 +64,17 @@ class OnnxRuntimeStep:
             path = Path(model_dir) / info["files"][precision][kind]
             if not path.is_file():
                 raise NMTError(f"{path}: missing from the export folder")
-            self.sessions[kind] = ort.InferenceSession(str(path), options, providers=providers)
+            try:
+                session = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as err:  # ORT raises its own exception types for files it cannot parse
+                reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                raise NMTError(f"{path}: not an ONNX graph ONNX Runtime can load ({reason})") from None
+            inputs = sorted(i.name for i in session.get_inputs())
+            wanted = sorted(info["encoder_inputs" if kind == "encoder" else "step_inputs"])
+            if inputs != wanted:
+                raise NMTError(f"{path}: not the {kind} graph of this export (inputs {inputs}, expected {wanted})")
+            check_graph_outputs(info, kind, {o.name: o.shape for o in session.get_outputs()}, str(path))
+            self.sessions[kind] = session
         self.input_types = {kind: {i.name: ORT_TYPES[i.type] for i in s.get_inputs()}
                             for kind, s in self.sessions.items()}
         self.output_types = {kind: {o.name: ORT_TYPES[o.type] for o in s.get_outputs()}

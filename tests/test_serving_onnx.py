@@ -95,3 +95,46 @@ def test_fp16_precision_is_chosen_for_tensorrt_when_exported():
     assert choose_precision(None, "onnxruntime", {"fp16": True}) == "fp32"
     with pytest.raises(NMTError, match="int8"):
         choose_precision("int8", "tensorrt", {})
+
+
+def test_tampered_model_json_and_foreign_graphs_are_refused_with_one_line(exported, tmp_path, capsys):
+    import json
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    def copy_with(change=None, encoder: bytes | None = None):
+        folder = tmp_path / f"export{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(exported, folder)
+        info = json.loads((folder / "model.json").read_text())
+        if change:
+            change(info)
+        (folder / "model.json").write_text(json.dumps(info))
+        if encoder is not None:
+            (folder / "encoder.onnx").write_bytes(encoder)
+        return str(folder)
+
+    cases = [
+        (lambda info: info.update(decoder_hidden=info["decoder_hidden"] + 1), "output new_hidden has shape"),
+        (lambda info: info.update(tgt_vocab_size=info["tgt_vocab_size"] + 5), "output log_probs has shape"),
+        (lambda info: info.pop("memory_size"), "memory_size must be a positive integer"),
+        (lambda info: info.update(attention_dim="64"), "attention_dim must be a positive integer"),
+        (lambda info: info.update(step_outputs=["log_probs"]), "step_outputs must be"),
+        (lambda info: info.update(files={"fp32": {"encoder": 1}}), "files must map"),
+    ]
+    for change, message in cases:
+        with pytest.raises(NMTError, match=message):
+            open_backend(copy_with(change), "onnxruntime", "cpu")
+    identity = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "foreign",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    with pytest.raises(NMTError, match=r"not the encoder graph of this export \(inputs \['x'\]"):
+        open_backend(copy_with(encoder=identity.SerializeToString()), "onnxruntime", "cpu")
+    junk = copy_with(encoder=b"\x00 not a graph \xff" * 10)
+    with pytest.raises(NMTError, match="not an ONNX graph ONNX Runtime can load"):
+        open_backend(junk, "onnxruntime", "cpu")
+    assert main(["translate", "--model", junk, "--backend", "onnxruntime"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
