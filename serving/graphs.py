@@ -73,9 +73,11 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
             raise NMTError(f"{path}: {key} must be {names} for a {info.get('rnn_type')!r} model, got {info.get(key)!r}")
     files = info.get("files")
     if not isinstance(files, dict) or "fp32" not in files or not all(
-            isinstance(f, dict) and all(isinstance(f.get(kind), str) for kind in ("encoder", "decoder_step"))
+            isinstance(f, dict) and all(isinstance(f.get(kind), str) and Path(f[kind]).name == f[kind]
+                                        for kind in ("encoder", "decoder_step"))
             for f in files.values()):
-        raise NMTError(f"{path}: files must map each precision to its encoder and decoder_step graphs")
+        raise NMTError(f"{path}: files must map each precision to its encoder and decoder_step graphs (file names "
+                       f"in the export folder)")
     return info
 
 

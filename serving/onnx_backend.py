@@ -74,6 +74,9 @@ class OnnxRuntimeStep:
             if inputs != wanted:
                 raise NMTError(f"{path}: not the {kind} graph of this export (inputs {inputs}, expected {wanted})")
             check_graph_outputs(info, kind, {o.name: o.shape for o in session.get_outputs()}, str(path))
+            unknown = {t.type for t in session.get_inputs() + session.get_outputs()} - set(ORT_TYPES)
+            if unknown:
+                raise NMTError(f"{path}: not the {kind} graph of this export (tensor types {sorted(unknown)})")
             self.sessions[kind] = session
         self.input_types = {kind: {i.name: ORT_TYPES[i.type] for i in s.get_inputs()}
                             for kind, s in self.sessions.items()}

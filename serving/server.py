@@ -1,13 +1,14 @@
 """server.py — `nmt serve`: an HTTP translation server (FastAPI + uvicorn) over any backend's `Translator`.
 
 Requests are queued and decoded together (dynamic batching up to `max_batch` sentences or `max_wait_ms`), in one
-inference thread. Oversize requests and sentences get 413, a full queue 429, shutdown 503, all with a JSON error,
-never a crash; `/health`, Prometheus `/metrics`; shutdown finishes the requests in flight. No model or search here."""
+inference thread. Oversize bodies (before parsing), requests and sentences get 413, slow bodies 408, a full queue
+429 with Retry-After, shutdown 503, all with a JSON error, never a crash or a stack trace; a client that
+disconnects has its sentences left out of their batch. `/health`, Prometheus `/metrics`, `/openapi.json`; shutdown
+finishes the requests in flight. No model or search here."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nmt.errors import NMTError
 from nmt.translate import Translator
@@ -31,6 +33,8 @@ class Limits:
     max_chars: int = 2000  # longest sentence accepted
     max_queue: int = 256  # sentences admitted (waiting or decoding) before 429
     max_beam: int = 32
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are parsed
+    body_timeout_s: float = 30.0  # a client that has not sent its whole body by then gets 408
 
 
 class RequestError(Exception):
@@ -62,25 +66,38 @@ class Metrics:
         self.batch = Histogram("nmt_batch_sentences", "sentences per decoding batch", registry=self.registry,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.queue = Gauge("nmt_queue_sentences", "sentences admitted and not yet answered", registry=self.registry)
+        self.dropped = Counter("nmt_dropped_sentences", "sentences left out of their batch: the client had gone",
+                               registry=self.registry)
+
+
+class TranslateRequest(BaseModel):
+    """POST /translate's body (what /openapi.json describes; parsed strictly: no type coercion, no extra keys)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: list[str] = Field(min_length=1, description="the sentences to translate, one translation each")
+    beam_size: int | None = Field(None, ge=1, description="beam width, 1 = greedy search; default: the model's")
+
+
+class TranslateResponse(BaseModel):
+    translations: list[str] = Field(description="one translation per sentence, in order")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, in one line")
 
 
 def parse_request(body: bytes, limits: Limits) -> tuple[list[str], int | None]:
-    """The request's sentences and beam size, or RequestError: 400 bad JSON, 422 bad fields, 413 too large."""
+    """The request's sentences and beam size, or RequestError: 400 not JSON, 422 bad fields, 413 too large."""
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RequestError(400, "request body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise RequestError(422, 'expected a JSON object {"text": [...], "beam_size": K}')
-    unknown = set(payload) - {"text", "beam_size"}
-    if unknown:
-        raise RequestError(422, f"unknown field(s): {', '.join(sorted(unknown))} (valid: text, beam_size)")
-    text, beam = payload.get("text"), payload.get("beam_size")
-    if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
-        raise RequestError(422, '"text" must be a list of strings')
-    if not text:
-        raise RequestError(422, '"text" must hold at least one sentence')
-    if beam is not None and (not isinstance(beam, int) or isinstance(beam, bool) or not 1 <= beam <= limits.max_beam):
+        request = TranslateRequest.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "json_invalid":  # also invalid UTF-8 and nesting too deep for the parser
+            raise RequestError(400, f"request body is not valid JSON ({first['msg']})") from None
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise RequestError(422, f"{where}: {first['msg']} (expected {{\"text\": [...], \"beam_size\": K}})") from None
+    text, beam = request.text, request.beam_size
+    if beam is not None and beam > limits.max_beam:
         raise RequestError(422, f'"beam_size" must be an integer from 1 to {limits.max_beam}')
     if len(text) > limits.max_request_sentences:
         raise RequestError(413, f"{len(text)} sentences in one request; at most {limits.max_request_sentences}")
@@ -88,6 +105,28 @@ def parse_request(body: bytes, limits: Limits) -> tuple[list[str], int | None]:
     if longest > limits.max_chars:
         raise RequestError(413, f"a sentence has {longest} characters; at most {limits.max_chars}")
     return text, beam
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, or RequestError: 413 when it is (or declares itself) over max_body_bytes, before any of it
+    is parsed; 408 when it has not all arrived within body_timeout_s."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise RequestError(413, f"request body of {int(declared)} bytes; at most {limits.max_body_bytes}")
+
+    async def receive() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise RequestError(413, f"request body over {limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(receive(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"request body not received within {limits.body_timeout_s:g} s") from None
 
 
 class Batcher:
@@ -148,7 +187,12 @@ class Batcher:
             batch = await self._next_batch()
             groups: dict[int | None, list[Job]] = {}
             for job in batch:
+                if job.future.cancelled():  # its client has gone: nothing to decode
+                    self.pending -= len(job.lines)
+                    self.metrics.dropped.inc(len(job.lines))
+                    continue
                 groups.setdefault(job.beam_size, []).append(job)
+            self.metrics.queue.set(self.pending)
             for beam, jobs in groups.items():
                 await self._decode(jobs, beam)
 
@@ -184,8 +228,24 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def answer_or_cancel(request: Request, future: asyncio.Future) -> Any:
+    """The job's result; if the client disconnects first, the job is cancelled (left out of its batch when that has
+    not been decoded yet) and ClientGone raised."""
+    while not future.done():
+        await asyncio.wait({future}, timeout=0.1)
+        if not future.done() and await request.is_disconnected():
+            future.cancel()
+            raise ClientGone
+    return future.result()
+
+
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    """A JSON error; a 429 also says when to retry."""
+    return JSONResponse({"error": message}, status_code=status, headers={"Retry-After": "1"} if status == 429 else None)
 
 
 def create_app(translator: Translator, limits: Limits | None = None, backend: str = "") -> FastAPI:
@@ -203,12 +263,19 @@ def create_app(translator: Translator, limits: Limits | None = None, backend: st
 
     app = FastAPI(title="nmt", lifespan=lifespan)
 
-    @app.post("/translate")
+    @app.post("/translate", response_model=TranslateResponse,
+              responses={status: {"model": ErrorResponse} for status in (400, 408, 413, 422, 429, 500, 503)},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": TranslateRequest.model_json_schema()}}}})
     async def translate(request: Request) -> Response:
+        """Translate the sentences of `text` (decoded together with other requests' sentences)."""
         start = time.perf_counter()
         try:
-            lines, beam = parse_request(await request.body(), limits)
-            translations = await state["batcher"].submit(lines, beam)
+            lines, beam = parse_request(await read_body(request, limits), limits)
+            translations = await answer_or_cancel(request, state["batcher"].submit(lines, beam))
+        except ClientGone:
+            metrics.requests.labels("499").inc()  # nginx's "client closed request"; nobody reads the answer
+            return Response(status_code=499)
         except RequestError as err:
             metrics.requests.labels(str(err.status)).inc()
             return _error(err.status, str(err))

@@ -38,7 +38,8 @@ def translator(exported):
 @pytest.fixture(scope="module")
 def server(translator) -> Iterator[str]:
     """The app under uvicorn in a thread on 127.0.0.1; stopped (gracefully) after the module's tests."""
-    limits = Limits(max_batch=16, max_wait_ms=5, max_request_sentences=8, max_chars=100, max_queue=200)
+    limits = Limits(max_batch=16, max_wait_ms=5, max_request_sentences=8, max_chars=100, max_queue=200,
+                    max_body_bytes=64 * 1024, body_timeout_s=2)
     port = _free_port()
     config = uvicorn.Config(create_app(translator, limits, "onnxruntime"), host="127.0.0.1", port=port,
                             log_level="warning", timeout_graceful_shutdown=10)
@@ -98,6 +99,9 @@ def test_beam_requests_match_the_translator(server, translator):
     (b'{"text": ["a"], "extra": 1}', 422),
     (b'{"text": ["' + b"a " * 60 + b'"]}', 413),
     (b'{"text": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}', 413),
+    (b"[" * 30000 + b"]" * 30000, 400),  # nested too deeply for the parser
+    (b'{"text": ["a b"], "pad": "' + b"x" * 70000 + b'"}', 413),  # over max_body_bytes: refused unparsed
+    (b'{"text": ["a \xff\xfe b"]}', 400),  # not UTF-8
 ])
 def test_bad_requests_get_4xx_with_a_json_error(server, body, status):
     response = httpx.post(f"{server}/translate", content=body, headers={"content-type": "application/json"})
@@ -157,3 +161,63 @@ def test_shutdown_finishes_requests_in_flight(translator):
     thread.join(timeout=30)
     assert answer["response"].status_code == 200 and answer["response"].json() == {"translations": ["c b a"]}
     assert not thread.is_alive()
+
+
+def test_a_client_that_stops_sending_its_body_gets_408_and_the_server_goes_on(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as slow:
+        slow.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"text\": [")  # then nothing more
+        began, answer = time.monotonic(), b""
+        while b"not received" not in answer and time.monotonic() - began < 20:  # headers and body may come apart
+            chunk = slow.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 408") and "not received within 2 s" in answer
+    assert time.monotonic() - began < 20
+    assert httpx.post(f"{server}/translate", json={"text": ["a b"]}, timeout=30).json() == {"translations": ["b a"]}
+
+
+def test_429_says_when_to_retry():
+    from serving.server import _error
+
+    assert _error(429, "queue full").headers["retry-after"] == "1"
+    assert "retry-after" not in _error(413, "too large").headers
+
+
+def test_openapi_describes_the_request_the_answer_and_the_errors(server):
+    schema = httpx.get(f"{server}/openapi.json").json()
+    operation = schema["paths"]["/translate"]["post"]
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["text"] and set(body["properties"]) == {"text", "beam_size"}
+    assert body["additionalProperties"] is False
+    answer = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+    assert set(schema["components"]["schemas"][answer]["properties"]) == {"translations"}
+    assert {"400", "408", "413", "422", "429", "500", "503"} <= set(operation["responses"])
+
+
+def test_a_client_that_disconnects_has_its_sentences_left_out_of_the_batch(translator):
+    limits = Limits(max_wait_ms=1500)  # the request waits in the queue long enough for its client to leave
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(translator, limits), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    try:
+        body = b'{"text": ["a b c", "d e"]}'
+        with socket.create_connection(("127.0.0.1", port)) as leaving:
+            leaving.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.3)  # admitted, waiting for its batch; then the client goes
+        answer = httpx.post(f"http://127.0.0.1:{port}/translate", json={"text": ["f g"]}, timeout=30)
+        assert answer.json() == {"translations": ["g f"]}  # the others are served as before
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert "nmt_dropped_sentences_total 2.0" in metrics and 'nmt_requests_total{status="499"} 1.0' in metrics
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -122,6 +122,7 @@ def test_tampered_model_json_and_foreign_graphs_are_refused_with_one_line(export
         (lambda info: info.update(attention_dim="64"), "attention_dim must be a positive integer"),
         (lambda info: info.update(step_outputs=["log_probs"]), "step_outputs must be"),
         (lambda info: info.update(files={"fp32": {"encoder": 1}}), "files must map"),
+        (lambda info: info["files"]["fp32"].update(encoder="../../encoder.onnx"), "files must map"),
     ]
     for change, message in cases:
         with pytest.raises(NMTError, match=message):
