@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -35,25 +36,33 @@ def translator(exported):
     return open_translator(str(exported), "onnxruntime", "cpu")
 
 
-@pytest.fixture(scope="module")
-def server(translator) -> Iterator[str]:
-    """The app under uvicorn in a thread on 127.0.0.1; stopped (gracefully) after the module's tests."""
-    limits = Limits(max_batch=16, max_wait_ms=5, max_request_sentences=8, max_chars=100, max_queue=200,
-                    max_body_bytes=64 * 1024, body_timeout_s=2)
+@contextlib.contextmanager
+def running(translator, limits: Limits) -> Iterator[tuple[str, uvicorn.Server]]:
+    """The app under uvicorn in a thread on a free 127.0.0.1 port: (base URL, server); stopped (gracefully) at the
+    end unless the test stopped it."""
     port = _free_port()
-    config = uvicorn.Config(create_app(translator, limits, "onnxruntime"), host="127.0.0.1", port=port,
-                            log_level="warning", timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(create_app(translator, limits, "onnxruntime"), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=20)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(translator) -> Iterator[str]:
+    limits = Limits(max_batch=16, max_wait_ms=5, max_request_sentences=8, max_chars=100, max_queue=200,
+                    max_body_bytes=64 * 1024, body_timeout_s=2)
+    with running(translator, limits) as (url, _):
+        yield url
 
 
 def test_concurrent_requests_get_the_same_answers_as_nmt_translate(server, translator, toy_corpus):
@@ -143,24 +152,15 @@ def test_full_queue_refuses_with_429(translator):
 
 def test_shutdown_finishes_requests_in_flight(translator):
     limits = Limits(max_wait_ms=400)  # the request is still waiting for its batch when shutdown begins
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(translator, limits), host="127.0.0.1", port=port,
-                                           log_level="warning", timeout_graceful_shutdown=10))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.05)
-    answer: dict = {}
-    client = threading.Thread(target=lambda: answer.update(response=httpx.post(
-        f"http://127.0.0.1:{port}/translate", json={"text": ["a b c"]}, timeout=30)))
-    client.start()
-    time.sleep(0.15)
-    server.should_exit = True
-    client.join(timeout=30)
-    thread.join(timeout=30)
+    with running(translator, limits) as (url, server):
+        answer: dict = {}
+        client = threading.Thread(target=lambda: answer.update(response=httpx.post(
+            f"{url}/translate", json={"text": ["a b c"]}, timeout=30)))
+        client.start()
+        time.sleep(0.15)
+        server.should_exit = True
+        client.join(timeout=30)
     assert answer["response"].status_code == 200 and answer["response"].json() == {"translations": ["c b a"]}
-    assert not thread.is_alive()
 
 
 def test_a_client_that_stops_sending_its_body_gets_408_and_the_server_goes_on(server):
@@ -200,24 +200,14 @@ def test_openapi_describes_the_request_the_answer_and_the_errors(server):
 
 def test_a_client_that_disconnects_has_its_sentences_left_out_of_the_batch(translator):
     limits = Limits(max_wait_ms=1500)  # the request waits in the queue long enough for its client to leave
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(translator, limits), host="127.0.0.1", port=port,
-                                           log_level="warning", timeout_graceful_shutdown=10))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.05)
-    try:
+    with running(translator, limits) as (url, _):
         body = b'{"text": ["a b c", "d e"]}'
+        port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as leaving:
             leaving.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             time.sleep(0.3)  # admitted, waiting for its batch; then the client goes
-        answer = httpx.post(f"http://127.0.0.1:{port}/translate", json={"text": ["f g"]}, timeout=30)
+        answer = httpx.post(f"{url}/translate", json={"text": ["f g"]}, timeout=30)
         assert answer.json() == {"translations": ["g f"]}  # the others are served as before
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        metrics = httpx.get(f"{url}/metrics").text
         assert "nmt_dropped_sentences_total 2.0" in metrics and 'nmt_requests_total{status="499"} 1.0' in metrics
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
