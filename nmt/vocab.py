@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,15 @@ def _processor(model_bytes: bytes) -> spm.SentencePieceProcessor:
     if processor.pad_id() != PAD_ID or processor.eos_id() != EOS_ID or processor.bos_id() != BOS_ID:
         raise NMTError("SentencePiece model does not reserve ids 0-3 for pad, unk, bos, eos")
     return processor
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(texts: list[str]) -> list[str]:
+    """Texts SentencePiece can take: a lone surrogate (what `surrogateescape` makes of an undecodable byte) becomes
+    U+FFFD, as invalid UTF-8 read elsewhere does."""
+    return [LONE_SURROGATE.sub("\ufffd", text) for text in texts]
 
 
 @dataclass
@@ -78,11 +88,11 @@ class Vocab:
         return len(self.output_ids) if self.output_ids is not None else self._tgt.get_piece_size()
 
     def encode_src(self, texts: list[str]) -> list[list[int]]:
-        return self._src.encode(texts)
+        return self._src.encode(encodable(texts))
 
     def encode_tgt(self, texts: list[str]) -> list[list[int]]:
         """Target ids; a piece outside the output map becomes unk."""
-        encoded = self._tgt.encode(texts)
+        encoded = self._tgt.encode(encodable(texts))
         if self._to_target is None:
             return encoded
         to_target = self._to_target
