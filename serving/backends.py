@@ -26,7 +26,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 TORCH_PRECISIONS = ("fp32", "bf16")
 
 
-class AutocastStep:
+class BFloat16Step:
     """The torch model as a DecoderStep in bf16 (AMX on recent Xeons, tensor cores on GPUs): a bf16 copy of its
     weights, made once (under autocast alone, casting the weights at every step costs as much as the products at
     decoding's batch sizes), matrix products under torch.autocast, the recurrent states and the log-probabilities
@@ -101,7 +101,7 @@ def open_model(model: str, backend: str = "torch", device: str = "cpu",
             raise NMTError(f"precision {chosen!r}: the torch backend runs {' or '.join(TORCH_PRECISIONS)}")
         device = parallel.device_for(device, parallel.ranks().local_rank, "--device", "use --device cpu")
         net, vocab, config = load_model(model, device)
-        return (AutocastStep(net, device) if chosen == "bf16" else net), vocab, config.decode
+        return (BFloat16Step(net, device) if chosen == "bf16" else net), vocab, config.decode
     return open_backend(model, backend, device, precision)
 
 
