@@ -157,7 +157,10 @@ def test_shutdown_finishes_requests_in_flight(translator):
         client = threading.Thread(target=lambda: answer.update(response=httpx.post(
             f"{url}/translate", json={"text": ["a b c"]}, timeout=30)))
         client.start()
-        time.sleep(0.15)
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/health").json()["queued_sentences"] < 1:  # admitted, not yet decoded
+            assert time.monotonic() < deadline, "the request was never admitted"
+            time.sleep(0.01)
         server.should_exit = True
         client.join(timeout=30)
     assert answer["response"].status_code == 200 and answer["response"].json() == {"translations": ["c b a"]}
