@@ -7,6 +7,7 @@ touches torch.distributed. Knows nothing of models.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -58,6 +59,9 @@ def ranks() -> Ranks:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("NMT_DDP_BACKEND") != "gloo" else "gloo"
         dist.init_process_group(backend)
+        # a group still alive when the interpreter exits can abort it ("terminate called without an active
+        # exception"); commands that do not call finish() themselves (translate, score) get it at exit
+        atexit.register(finish)
     return Ranks(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
