@@ -34,6 +34,10 @@ class BFloat16Step:
 
     def __init__(self, model: DecoderStep, device: str) -> None:
         self.model, self.device_type = copy.deepcopy(model).to(torch.bfloat16), torch.device(device).type
+        if self.device_type == "cpu":
+            packed = packed_linear(*self.model.decoder.output_layer())
+            if packed is not None:
+                self.model.decoder.logits = packed  # the widest product; eval mode: no dropout to skip
 
     def parameter_count(self) -> int:
         return self.model.parameter_count()
@@ -47,6 +51,23 @@ class BFloat16Step:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
             log_probs, state = self.model.step(prev_tokens, state)
         return log_probs.float(), state
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor):
+    """x [N, in] → x @ weight.T + bias [N, out] by oneDNN with the bf16 weight reordered once into its blocked
+    layout (a plain product re-blocks the weight on every call: about 30% of the output layer's time at decoding's
+    batch sizes; bench/bench_speedup.py measures it: PRECISION bf16-unpacked); None where this torch has no such kernel."""
+    mkldnn = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")):
+        return None
+    try:
+        blocked = mkldnn._reorder_linear_weight(weight.detach(), None)
+        bias = bias.detach().clone()
+        product = (lambda x: mkldnn._linear_pointwise(x.to(torch.bfloat16), blocked, bias, "none", [], ""))
+        product(torch.zeros(1, weight.size(1), dtype=torch.bfloat16))
+    except RuntimeError:  # a CPU oneDNN cannot run bf16 on
+        return None
+    return product
 
 
 def decode_config(info: dict) -> DecodeConfig:

@@ -187,6 +187,20 @@ def test_translate_under_torchrun_gives_one_process_s_output_line_for_line(toy_r
     assert to_stdout.stdout == single.stdout.decode()  # rank 0 alone prints, in input order
 
 
+def test_packed_output_layer_gives_the_plain_product():
+    from serving.backends import packed_linear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 64).bfloat16(), torch.randn(300).bfloat16()
+    product = packed_linear(weight, bias)
+    if product is None:
+        pytest.skip("this torch has no oneDNN bf16 linear")
+    for rows in (1, 7, 40):
+        x = torch.randn(rows, 64)
+        plain = torch.nn.functional.linear(x.bfloat16(), weight, bias).float()
+        assert torch.allclose(product(x).float(), plain, rtol=2e-2, atol=0.1)
+
+
 def test_bf16_precision_keeps_float32_states_and_translates_as_float32_does(toy_run, toy_corpus):
     from serving.backends import open_translator
 
