@@ -7,15 +7,14 @@ self-contained; `last.pt` adds optimizer, scheduler, RNG states and the data pos
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nmt.config import Config, config_from_checkpoint
+from nmt.data import atomic_output
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.vocab import Vocab
@@ -24,21 +23,9 @@ FORMAT = "nmt-checkpoint-v1"
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, flush and fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a kill during an earlier write
-        stale.unlink(missing_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            torch.save({"format": FORMAT, **payload}, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write the checkpoint atomically (nmt.data.atomic_output): a kill or a full disk keeps the previous one."""
+    with atomic_output(path) as out:
+        torch.save({"format": FORMAT, **payload}, out)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

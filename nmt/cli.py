@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # `nmt translate | head` is fine
         return 0
+    except OSError as err:  # a full disk, a folder not writable, ...: what and where, not a traceback
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     return 0
 
 

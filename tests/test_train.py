@@ -18,6 +18,7 @@ import yaml
 from conftest import toy_config
 from nmt.checkpoint import load_checkpoint, load_model
 from nmt.config import load_config
+from nmt.data import write_atomic
 from nmt.errors import NMTError
 from nmt.evaluate import bleu
 from nmt.train import LRSchedule, Trainer
@@ -94,6 +95,39 @@ def test_killed_training_resumes_from_its_last_checkpoint_and_finishes(toy_corpu
     assert load_checkpoint(last)["progress"]["step"] == killed_at + 20
     assert not list(last.parent.glob("*.tmp"))  # a write cut short by the kill is cleaned up by the next one
     load_model(tmp_path / "run")
+
+
+def full_disk(monkeypatch) -> None:
+    """Every file nmt.data writes (checkpoints, shards, manifests: `atomic_output`) goes to /dev/full: the kernel's ENOSPC, as on a full disk."""
+    import builtins
+
+    import nmt.data
+
+    def open_full(path, mode="r", *args, **kwargs):
+        return builtins.open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(nmt.data, "open", open_full, raising=False)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_is_one_error_line(toy_corpus, tmp_path, monkeypatch):
+    train = {"valid_every": 6, "batch_tokens": 400, "max_steps": 6}
+    Trainer(toy_config(toy_corpus, tmp_path / "run", train=train), quiet=True).train()
+    last = tmp_path / "run/checkpoints/last.pt"
+    before = last.read_bytes()
+    full_disk(monkeypatch)
+    resumed = Trainer(toy_config(toy_corpus, tmp_path / "run", train={**train, "max_steps": 12}), resume=True,
+                      quiet=True)
+    with pytest.raises(NMTError, match=r"could not write .*last\.pt: No space left on device; the previous file"):
+        resumed.train()
+    assert last.read_bytes() == before and load_checkpoint(last)["progress"]["step"] == 6
+    assert not list(last.parent.glob(".*tmp")) and not (tmp_path / "run/.lock").exists()
+    shard = tmp_path / "shard-00000.txt"
+    monkeypatch.undo()
+    write_atomic(shard, b"old\n")
+    full_disk(monkeypatch)
+    with pytest.raises(NMTError, match="No space left on device"):
+        write_atomic(shard, b"new\n" * 1000)
+    assert shard.read_bytes() == b"old\n"
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(toy_corpus, tmp_path):
