@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="input file (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
     p.add_argument("--scores", action="store_true", help="prefix lines with the total log-probability and a tab")
+    p.add_argument("--alignments", action="store_true",
+                   help="append ' ||| ' and the word alignment in Pharaoh format (source-target, from attention)")
+    p.add_argument("--attention-plot", metavar="DIR", help="write one attention heat map (PNG) per input line")
 
     p = sub.add_parser("score", help="forced-decoding log-probability of each target given its source")
     _add_decoding(p, search=False)
@@ -128,7 +131,7 @@ def dispatch(args: argparse.Namespace) -> None:
 
         run_train(args.config, resume=args.resume, overrides=args.set)
     elif command in ("translate", "score"):
-        from nmt.translate import run_score, run_translate
+        from nmt.translate import LineFormat, run_score, run_translate
 
         search = {} if command == "score" else dict(
             beam_size=args.beam_size, nbest=args.nbest, length_penalty=args.length_penalty,
@@ -138,7 +141,8 @@ def dispatch(args: argparse.Namespace) -> None:
         translator = open_translator(args.model, args.backend, args.device, args.precision,
                                      batch_size=args.batch_size, **search)
         if command == "translate":
-            run_translate(translator, args.input, args.output, scores=args.scores)
+            run_translate(translator, args.input, args.output,
+                          LineFormat(args.scores, args.alignments, args.attention_plot))
         else:
             run_score(translator, args.src, args.tgt, args.output)
     elif command == "evaluate":

@@ -30,8 +30,11 @@ class Ensemble:
 
     @staticmethod
     def _join(states: list[State]) -> State:
+        """The members' states side by side; the attention is the members' mean (where every member gives it)."""
+        weights = [s.attention for s in states]
         return State(rows={f"{i}.{k}": v for i, s in enumerate(states) for k, v in s.rows.items()},
-                     sentences={f"{i}.{k}": v for i, s in enumerate(states) for k, v in s.sentences.items()})
+                     sentences={f"{i}.{k}": v for i, s in enumerate(states) for k, v in s.sentences.items()},
+                     attention=None if any(w is None for w in weights) else torch.stack(weights).mean(0))
 
     @staticmethod
     def _part(state: State, member: int) -> State:

@@ -119,13 +119,13 @@ class Seq2Seq(nn.Module):
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         rows, sent = state.rows, state.sentences
-        log_probs, hidden, att_vec, _, *cell = self.step_tensors(
+        log_probs, hidden, att_vec, weights, *cell = self.step_tensors(
             prev_tokens, rows["hidden"], rows["att_vec"], sent["memory"], sent["keys"], sent["src_mask"],
             rows.get("cell"))
         new_rows = {"hidden": hidden, "att_vec": att_vec}
         if cell:
             new_rows["cell"] = cell[0]
-        return log_probs, State(rows=new_rows, sentences=sent)
+        return log_probs, State(rows=new_rows, sentences=sent, attention=weights)
 
     # --- teacher forcing ------------------------------------------------------------------------------------
 

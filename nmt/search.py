@@ -1,4 +1,4 @@
-"""search.py — greedy search, batched beam search and forced scoring over any `DecoderStep`.
+"""search.py — greedy search, batched beam search, forced scoring and forced attention over any `DecoderStep`.
 
 The only search loops in the project: the torch model, ONNX Runtime and TensorRT all run through here. Knows
 nothing of torch modules or ONNX — only the two calls of the `DecoderStep` protocol and the reserved ids.
@@ -8,12 +8,14 @@ Scores are total log-probabilities (sum over tokens and eos), the same quantity 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
+from nmt.errors import NMTError
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID
 
 NEVER_GENERATED = (PAD_ID, BOS_ID)
@@ -26,9 +28,11 @@ class State:
 
     rows: dict[str, torch.Tensor]
     sentences: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention: torch.Tensor | None = None  # [N, S]: the weights of the step that made this state, where given
 
     def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> State:
-        """Reorder hypotheses by `rows` [N'], and sentences by `sentences` [B'] when given."""
+        """Reorder hypotheses by `rows` [N'], and sentences by `sentences` [B'] when given (the last step's
+        attention is not carried: it belongs to that step)."""
         new_rows = {k: v.index_select(0, rows) for k, v in self.rows.items()}
         if sentences is None:
             return State(new_rows, self.sentences)
@@ -43,7 +47,8 @@ class DecoderStep(Protocol):
         ...
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """prev_tokens [N] → log_probs [N, V] for the next token, and the new state."""
+        """prev_tokens [N] → log_probs [N, V] for the next token, and the new state (with the step's attention
+        weights [N, S] in `State.attention`, float32, where the backend gives them)."""
         ...
 
 
@@ -319,10 +324,10 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
     return finished.hypotheses()
 
 
-@torch.no_grad()
-def forced_scores(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor,
-                  targets: list[list[int]]) -> torch.Tensor:
-    """Total log-probability [B] of each target (its tokens, then eos) under the decoder, by teacher forcing."""
+def _forced_steps(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor,
+                  targets: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, State]]:
+    """Teacher forcing of each target (its tokens, then eos): per step, the gold tokens [B] (pad once a target
+    has ended), the log-probabilities [B, V] and the state the step made."""
     device = src.device
     steps = max(len(t) for t in targets) + 1
     gold = torch.full((len(targets), steps), PAD_ID, dtype=torch.long, device=device)  # y + eos
@@ -330,10 +335,36 @@ def forced_scores(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Te
         gold[i, : len(target) + 1] = torch.tensor(list(target) + [EOS_ID], dtype=torch.long)
     state = decoder.encode(src, src_lengths)
     prev = torch.full((len(targets),), BOS_ID, dtype=torch.long, device=device)
-    total = torch.zeros(len(targets), dtype=torch.float64, device=device)
     for t in range(steps):
         log_probs, state = decoder.step(prev, state)
-        picked = log_probs.gather(1, gold[:, t: t + 1]).squeeze(1).double()
-        total += torch.where(gold[:, t] != PAD_ID, picked, torch.zeros_like(picked))
+        yield gold[:, t], log_probs, state
         prev = gold[:, t]
+
+
+@torch.no_grad()
+def forced_scores(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor,
+                  targets: list[list[int]]) -> torch.Tensor:
+    """Total log-probability [B] of each target (its tokens, then eos) under the decoder, by teacher forcing."""
+    total = torch.zeros(len(targets), dtype=torch.float64, device=src.device)
+    for gold, log_probs, _ in _forced_steps(decoder, src, src_lengths, targets):
+        picked = log_probs.gather(1, gold.unsqueeze(1)).squeeze(1).double()
+        total += torch.where(gold != PAD_ID, picked, torch.zeros_like(picked))
     return total
+
+
+@torch.no_grad()
+def forced_attention(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor,
+                     targets: list[list[int]]) -> list[torch.Tensor]:
+    """The decoder's attention weights while it produces each target, by teacher forcing the target through the
+    same DecoderStep (the path the search took, so the weights the search saw): one [len(target), S_i] tensor per
+    target, a row per target token and a column per source token (eos rows and columns left out)."""
+    if not targets:
+        return []
+    weights = []
+    for _, _, state in _forced_steps(decoder, src, src_lengths, targets):
+        if state.attention is None:
+            raise NMTError("this backend's decoder step gives no attention weights (needed for alignments)")
+        weights.append(state.attention.float())
+    attention = torch.stack(weights, dim=1).cpu()  # [B, T + 1, S]
+    return [attention[i, : len(target), : int(length) - 1]
+            for i, (target, length) in enumerate(zip(targets, src_lengths.tolist()))]

@@ -25,7 +25,7 @@ from nmt import parallel
 from nmt.config import DecodeConfig
 from nmt.data import pad, read_lines
 from nmt.errors import NMTError
-from nmt.search import DecoderStep, Hypothesis, beam_search, forced_scores, greedy_search
+from nmt.search import DecoderStep, Hypothesis, beam_search, forced_attention, forced_scores, greedy_search
 from nmt.vocab import EOS_ID, Vocab
 
 
@@ -37,12 +37,46 @@ class Translation:
     text: str
     score: float
     tokens: list[int]
+    # with alignments: the attention weights [target tokens, source pieces] and the pieces on its two axes
+    attention: torch.Tensor | None = None
+    source_pieces: list[str] | None = None
+    target_pieces: list[str] | None = None
+
+    def alignment(self) -> list[tuple[int, int]]:
+        """Hard word alignment (source word, target word), words being whitespace tokens of the source and of the
+        output: each target word goes to the source word with the most attention mass over its pieces."""
+        if self.attention is None or not self.tokens or not self.source_pieces:
+            return []
+        spoken = [i for i, token in enumerate(self.tokens) if token > EOS_ID]  # what the text is made of
+        if not spoken:
+            return []
+        source_words = torch.tensor(word_index(self.source_pieces))
+        target_words = torch.tensor(word_index([self.target_pieces[i] for i in spoken]))
+        by_source = torch.zeros(len(spoken), int(source_words.max()) + 1).index_add_(
+            1, source_words, self.attention[spoken].float())  # [target pieces, source words]
+        mass = torch.zeros(int(target_words.max()) + 1, by_source.size(1)).index_add_(0, target_words, by_source)
+        return [(int(source), target) for target, source in enumerate(mass.argmax(1).tolist())]
+
+
+def word_index(pieces: list[str]) -> list[int]:
+    """The whitespace word each SentencePiece piece belongs to: a piece starting with ▁ starts a word."""
+    index, word = [], -1
+    for piece in pieces:
+        word += piece.startswith("▁") or word < 0
+        index.append(word)
+    return index
 
 
 def joined(parts: list[Translation]) -> Translation:
-    """The translation of a line translated in parts: texts joined by a space, scores summed."""
-    return Translation(" ".join(p.text for p in parts if p.text), sum(p.score for p in parts),
+    """The translation of a line translated in parts: texts joined by a space, scores summed (and attention
+    matrices set along the diagonal, with their pieces, where there are some)."""
+    line = Translation(" ".join(p.text for p in parts if p.text), sum(p.score for p in parts),
                        [token for p in parts for token in p.tokens])
+    if all(p.attention is not None for p in parts):
+        line.attention = torch.block_diag(*[p.attention for p in parts])
+        line.source_pieces = [piece for p in parts for piece in p.source_pieces]
+        line.target_pieces = [piece for p in parts for piece in p.target_pieces]
+    return line
 
 
 class Translator:
@@ -97,10 +131,11 @@ class Translator:
         for start in range(0, len(order), self.decode.batch_size):
             yield order[start: start + self.decode.batch_size]
 
-    def translate(self, lines: list[str], **overrides) -> list[list[Translation]]:
+    def translate(self, lines: list[str], alignments: bool = False, **overrides) -> list[list[Translation]]:
         """Translate lines; `overrides` replace DecodeConfig fields (beam_size, nbest, length_penalty, ...).
         Returns `nbest` translations per line (beam 1 = greedy search); for a line translated in parts, the
-        k-th translations of its parts joined."""
+        k-th translations of its parts joined. With `alignments`, each translation carries its attention
+        weights and pieces (`Translation.alignment()`)."""
         decode = dataclasses.replace(self.decode, **{k: v for k, v in overrides.items() if v is not None})
         if decode.nbest > decode.beam_size:
             raise NMTError(f"--nbest {decode.nbest} is larger than --beam-size {decode.beam_size}")
@@ -116,7 +151,10 @@ class Translator:
                 hyps = beam_search(self.decoder, src, lengths, decode.beam_size, decode.nbest, decode.length_penalty,
                                    decode.max_len_ratio, decode.min_len)
             for i, nbest in zip(batch, hyps):
-                results[i] = [self._text(h) for h in nbest] + empty[len(nbest):]
+                results[i] = [self._text(h) for h in nbest] + [Translation("", 0.0, [])
+                                                               for _ in range(decode.nbest - len(nbest))]
+            if alignments:
+                self._attend(src, lengths, [results[i] for i in batch], [ids[i] for i in batch])
         if len(ids) == len(lines):
             return results
         parts: list[list[list[Translation]]] = [[] for _ in lines]
@@ -127,6 +165,18 @@ class Translator:
 
     def _text(self, hyp: Hypothesis) -> Translation:
         return Translation(self.vocab.decode_tgt(hyp.tokens), hyp.score, hyp.tokens)
+
+    def _attend(self, src: torch.Tensor, lengths: torch.Tensor, results: list[list[Translation]],
+                sources: list[list[int]]) -> None:
+        """Set the attention weights of each batch sentence's translations (n-best alike), by teacher forcing
+        them through the decoder (nmt.search.forced_attention)."""
+        rows = torch.tensor([b for b, nbest in enumerate(results) for _ in nbest], device=src.device)
+        translations = [t for nbest in results for t in nbest]
+        weights = forced_attention(self.decoder, src[rows], lengths[rows], [t.tokens for t in translations])
+        for (b, translation), attention in zip(zip(rows.tolist(), translations), weights):
+            translation.attention = attention
+            translation.source_pieces = self.vocab.src_pieces(sources[b])
+            translation.target_pieces = self.vocab.tgt_pieces(translation.tokens)
 
     def score(self, sources: list[str], targets: list[str]) -> list[float]:
         """Forced-decoding total log-probability of each target given its source (empty source → 0.0)."""
@@ -144,8 +194,11 @@ class Translator:
         return scores
 
 
-def format_line(translation: Translation, with_score: bool) -> str:
+def format_line(translation: Translation, with_score: bool, with_alignment: bool = False) -> str:
+    """One output line: [score TAB] text [ ||| Pharaoh alignment `source-target ...`]."""
     text = translation.text.replace("\n", " ").replace("\r", " ")
+    if with_alignment:
+        text += " ||| " + " ".join(f"{source}-{target}" for source, target in translation.alignment())
     return f"{translation.score:.4f}\t{text}" if with_score else text
 
 
@@ -186,21 +239,35 @@ def _open_output(path: str | None, append: bool = False) -> TextIO:
     return open(path, "a" if append else "w", encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class LineFormat:
+    """What `nmt translate` writes for each translation besides its text, and where attention plots go."""
+
+    scores: bool = False  # the total log-probability and a tab first
+    alignments: bool = False  # " ||| " and the Pharaoh word alignment after the text
+    attention_plot: str | None = None  # a folder for one PNG heat map per input line (its best translation)
+
+    @property
+    def attention(self) -> bool:
+        return self.alignments or self.attention_plot is not None
+
+
 def run_translate(translator: Translator, input: str | None = None, output: str | None = None,
-                  scores: bool = False, chunk_lines: int = 10_000, **overrides) -> int:
+                  form: LineFormat = LineFormat(), chunk_lines: int = 10_000, **overrides) -> int:
     """Translate a file (or stdin) to a file (or stdout), one line out per line in (n lines with n-best).
     Under torchrun each rank translates a contiguous share of the input file and rank 0 writes every share's
     output in input order. Returns the number of input lines."""
     ranks = parallel.ranks()
+    overrides["alignments"] = form.attention
     if input is None or input == "-":
         if ranks.world > 1:
             raise NMTError("under torchrun, give the input as a file (--input): the ranks read their shares of it")
         total = 0
         for lines in _arriving_lines(sys.stdin.fileno(), chunk_lines):
-            _write(output, translator.translate(lines, **overrides), scores, append=total > 0)
+            _write(output, translator.translate(lines, **overrides), form, first_line=total)
             total += len(lines)
         if total == 0:
-            _write(output, [], scores, append=False)
+            _write(output, [], form, first_line=0)
         _warn_split(translator, ranks)
         return total
     if not Path(input).is_file():
@@ -211,14 +278,14 @@ def run_translate(translator: Translator, input: str | None = None, output: str 
     for start in range(mine.start, mine.stop, chunk_lines):
         results.extend(translator.translate(lines[start: min(start + chunk_lines, mine.stop)], **overrides))
         if ranks.world == 1:  # one process writes as it goes
-            _write(output, results, scores, append=start > 0)
+            _write(output, results, form, first_line=start)
             results = []
     if ranks.world > 1:
         results = ranks.gather(results)
         if ranks.rank == 0:
-            _write(output, results, scores, append=False)
+            _write(output, results, form, first_line=0)
     elif not lines:
-        _write(output, [], scores, append=False)
+        _write(output, [], form, first_line=0)
     _warn_split(translator, ranks)
     return len(lines)
 
@@ -230,16 +297,25 @@ def _warn_split(translator: Translator, ranks: parallel.Ranks) -> None:
               f"translated in parts (split at sentence ends, else between words)", file=sys.stderr)
 
 
-def _write(output: str | None, results: list[list[Translation]], scores: bool, append: bool) -> None:
-    out = sys.stdout if output is None or output == "-" else _open_output(output, append)
+def _write(output: str | None, results: list[list[Translation]], form: LineFormat, first_line: int) -> None:
+    """Write the lines of `results` (input lines first_line, first_line + 1, ...; appending after the first)."""
+    out = sys.stdout if output is None or output == "-" else _open_output(output, append=first_line > 0)
     try:
         for nbest in results:
             for translation in nbest:
-                out.write(format_line(translation, scores) + "\n")
+                out.write(format_line(translation, form.scores, form.alignments) + "\n")
         out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
+    if form.attention_plot is not None:
+        from nmt.plots import plot_attention
+
+        for number, nbest in enumerate(results, start=first_line + 1):
+            best = nbest[0]
+            if best.attention is not None and best.attention.numel():
+                plot_attention(best.attention, best.source_pieces, best.target_pieces,
+                               Path(form.attention_plot) / f"line-{number:06d}.png")
 
 
 def run_score(translator: Translator, src: str, tgt: str, output: str | None = None) -> list[float]:

@@ -107,6 +107,9 @@ class Vocab:
     def tgt_pieces(self, ids: list[int]) -> list[str]:
         return [self._tgt.id_to_piece(i) for i in self._pieces_of(ids)]
 
+    def src_pieces(self, ids: list[int]) -> list[str]:
+        return [self._src.id_to_piece(i) for i in ids]
+
     def fingerprint(self) -> str:
         """A digest of the model(s) and the output map: what tokenized data depends on."""
         digest = hashlib.sha256(self.src_model + self.tgt_model)

@@ -736,19 +736,26 @@ def _sample_model(run: RecipeRun) -> tuple[str, str]:
 
 
 @stage("translate_sample", needs=("export", "teacher", "student"), inputs=lambda run: list(run.recipe.sample),
-       outputs=lambda run: [run.dir / "sample.txt"])
+       outputs=lambda run: [run.dir / "sample.txt", run.dir / "attention"])
 def translate_sample(run: RecipeRun) -> dict[str, Any]:
-    """A smoke test of the deployed model: a few sentences through the deployment backend."""
+    """A smoke test of the deployed model: a few sentences through the deployment backend, with the attention
+    map of each (attention/sample-NN.png)."""
     from serving.backends import open_translator
     from nmt.data import read_lines
+    from nmt.plots import plot_attention
 
     lines = list(run.recipe.sample) or read_lines(run.corpus_file("test", 0))[:SAMPLE_LINES]
     model, backend = _sample_model(run)
     translator = open_translator(model, backend, "cpu")
-    outputs = [nbest[0].text for nbest in translator.translate(lines, beam_size=EVAL_BEAM)]
+    best = [nbest[0] for nbest in translator.translate(lines, alignments=True, beam_size=EVAL_BEAM)]
+    outputs = [translation.text for translation in best]
     (run.dir / "sample.txt").write_text("".join(f"{s}\t{t}\n" for s, t in zip(lines, outputs)), encoding="utf-8")
-    for source, output in zip(lines, outputs):
-        say(f"  {source}\n  → {output}")
+    (run.dir / "attention").mkdir(exist_ok=True)
+    for number, (source, translation) in enumerate(zip(lines, best), start=1):
+        say(f"  {source}\n  → {translation.text}")
+        if translation.attention is not None and translation.attention.numel():
+            plot_attention(translation.attention, translation.source_pieces, translation.target_pieces,
+                           run.dir / "attention" / f"sample-{number:02d}.png")
     return {"backend": backend, "model": os.path.relpath(model, run.dir), "translations": list(zip(lines, outputs))}
 
 

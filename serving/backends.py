@@ -50,6 +50,7 @@ class BFloat16Step:
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
             log_probs, state = self.model.step(prev_tokens, state)
+        state.attention = state.attention.float()
         return log_probs.float(), state
 
 

@@ -114,5 +114,5 @@ class OnnxRuntimeStep:
         out = self._run("decoder_step", {"prev_tokens": prev_tokens, **state.rows, **state.sentences},
                         output_shapes(self.info, "decoder_step", memory.size(0), memory.size(1), prev_tokens.size(0)))
         rows = {key: out[new] for key, new in ROW_KEYS.items() if new in out}
-        return out["log_probs"], State(rows=rows, sentences=state.sentences)
+        return out["log_probs"], State(rows=rows, sentences=state.sentences, attention=out.get("weights"))
 

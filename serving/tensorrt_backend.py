@@ -227,4 +227,6 @@ class TensorRTStep:
         self.limits.check(memory.size(0), prev_tokens.size(0), memory.size(1))
         out = self.stepper.run({"prev_tokens": prev_tokens, **state.rows, **state.sentences})
         rows = {key: out[new] for key, new in ROW_KEYS.items() if new in out}
-        return out["log_probs"].float(), State(rows=rows, sentences=state.sentences)
+        weights = out.get("weights")
+        return out["log_probs"].float(), State(rows=rows, sentences=state.sentences,
+                                               attention=None if weights is None else weights.float())

@@ -121,6 +121,9 @@ def test_summary_files_and_plot_are_written(finished_run):
     assert "student greedy vs teacher beam 5:" in markdown and "| total |" in markdown
     assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((run / "sample.txt").read_text().splitlines()) == 5
+    plots = sorted((run / "attention").glob("*.png"))  # one per sample line that gave output tokens
+    assert plots and {p.name for p in plots} <= {f"sample-{i:02d}.png" for i in range(1, 6)}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
 
 def test_rerun_skips_every_current_stage(run_copy, monkeypatch, capsys):
