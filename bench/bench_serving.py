@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,27 +47,81 @@ def backend_table(run_dir: str, export_dir: str, lines: list[str]) -> list[dict]
     return rows
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-async def _load(url: str, lines: list[str], requests: int, clients: int) -> list[float]:
+@dataclass
+class LoadResult:
+    """What a load run saw: each request's translations (None where it failed), the answered ones' latencies."""
+
+    answers: list[list[str] | None]
+    latencies_s: list[float] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)  # request index -> why it got no answer
+    retries_429: int = 0
+
+
+async def load_server(url: str, payloads: list[dict], clients: int, timeout_s: float) -> LoadResult:
+    """POST each payload to url/translate from `clients` concurrent clients (client w sends payloads w, w + clients,
+    ...). A 429 is resent after its Retry-After; any other non-200, a transport error or an answer of the wrong shape
+    fails the request, and so does no answer within timeout_s (for the whole run). A latency spans a request's first
+    send to its answer, waits for 429s included."""
     import httpx
 
-    latencies: list[float] = []
+    result = LoadResult(answers=[None] * len(payloads))
+
+    async def translate(http: httpx.AsyncClient, payload: dict) -> list[str]:
+        while True:
+            response = await http.post("/translate", json=payload)
+            if response.status_code != 429:
+                break
+            result.retries_429 += 1
+            await asyncio.sleep(_retry_after_s(response.headers.get("retry-after")))
+        if response.status_code != 200:
+            raise ValueError(f"HTTP {response.status_code}: {response.text[:120]}")
+        body = response.json()
+        translations = body.get("translations") if isinstance(body, dict) else None
+        if not (isinstance(translations, list) and len(translations) == len(payload["text"])
+                and all(isinstance(t, str) for t in translations)):
+            raise ValueError(f"answer is not {len(payload['text'])} translations: {response.text[:120]}")
+        return translations
 
     async def client(worker: int, http: httpx.AsyncClient) -> None:
-        for i in range(worker, requests, clients):
+        for i in range(worker, len(payloads), clients):
             start = time.perf_counter()
-            response = await http.post("/translate", json={"text": [lines[i % len(lines)]], "beam_size": 1})
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - start)
+            try:
+                result.answers[i] = await translate(http, payloads[i])
+            except (httpx.HTTPError, ValueError) as err:  # JSONDecodeError is a ValueError
+                result.failures[i] = f"{type(err).__name__}: {err}"
+                continue
+            result.latencies_s.append(time.perf_counter() - start)
 
-    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        await asyncio.gather(*(client(w, http) for w in range(clients)))
-    return latencies
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as http:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(client(w, http) for w in range(clients))), timeout_s)
+        except TimeoutError:
+            for i, answer in enumerate(result.answers):
+                if answer is None and i not in result.failures:
+                    result.failures[i] = f"no answer within {timeout_s:g} s"
+    return result
+
+
+def _retry_after_s(header: str | None) -> float:
+    """Retry-After in seconds (our server sends whole seconds; an HTTP date or nothing counts as 1 s)."""
+    try:
+        return max(0.0, float(header or "1"))
+    except ValueError:
+        return 1.0
+
+
+def latency_ms(latencies_s: list[float]) -> dict:
+    """p50 and p99 in milliseconds (None when fewer than two requests were answered)."""
+    if len(latencies_s) < 2:
+        return {"p50_ms": None, "p99_ms": None}
+    quantiles = statistics.quantiles(latencies_s, n=100)
+    return {"p50_ms": round(1000 * quantiles[49], 1), "p99_ms": round(1000 * quantiles[98], 1)}
 
 
 def server_row(export_dir: str, lines: list[str], requests: int, clients: int) -> dict:
@@ -77,24 +132,24 @@ def server_row(export_dir: str, lines: list[str], requests: int, clients: int) -
     from serving.server import Limits, create_app
 
     translator = open_translator(export_dir, "onnxruntime", "cpu")
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(translator, Limits(max_batch=32, max_wait_ms=5)),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
+    payloads = [{"text": [lines[i % len(lines)]], "beam_size": 1} for i in range(requests)]
     try:
         start = time.perf_counter()
-        latencies = asyncio.run(asyncio.wait_for(_load(f"http://127.0.0.1:{port}", lines, requests, clients), 600))
+        result = asyncio.run(load_server(f"http://127.0.0.1:{port}", payloads, clients, timeout_s=600))
         elapsed = time.perf_counter() - start
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-    quantiles = statistics.quantiles(latencies, n=100)
     return {"backend": "server onnxruntime-fp32", "threads": torch.get_num_threads(), "requests": requests,
-            "clients": clients, "sentences_per_s": round(requests / elapsed, 1),
-            "p50_ms": round(1000 * quantiles[49], 1), "p99_ms": round(1000 * quantiles[98], 1)}
+            "clients": clients, "errors": len(result.failures), "retries_429": result.retries_429,
+            "sentences_per_s": round(len(result.latencies_s) / elapsed, 1), **latency_ms(result.latencies_s)}
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nmt.errors import NMTError
 from nmt.translate import Translator
@@ -77,6 +77,12 @@ class TranslateRequest(BaseModel):
     text: list[str] = Field(min_length=1, description="the sentences to translate, one translation each")
     beam_size: int | None = Field(None, ge=1, description="beam width, 1 = greedy search; default: the model's")
 
+    @field_validator("beam_size", mode="before")
+    @classmethod
+    def _integral_number(cls, value: Any) -> Any:
+        """5.0 is a JSON Schema "integer" (what /openapi.json promises); strict parsing alone would refuse it."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
 
 class TranslateResponse(BaseModel):
     translations: list[str] = Field(description="one translation per sentence, in order")
@@ -84,6 +90,17 @@ class TranslateResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: str = Field(description="what was wrong, in one line")
+
+
+def request_schema(limits: Limits) -> dict[str, Any]:
+    """TranslateRequest's JSON schema with this server's limits in it, so that /openapi.json describes exactly the
+    bodies that are accepted."""
+    schema = TranslateRequest.model_json_schema()
+    text, beam = schema["properties"]["text"], schema["properties"]["beam_size"]
+    text["maxItems"] = limits.max_request_sentences
+    text["items"]["maxLength"] = limits.max_chars
+    next(option for option in beam["anyOf"] if option.get("type") == "integer")["maximum"] = limits.max_beam
+    return schema
 
 
 def parse_request(body: bytes, limits: Limits) -> tuple[list[str], int | None]:
@@ -266,7 +283,7 @@ def create_app(translator: Translator, limits: Limits | None = None, backend: st
     @app.post("/translate", response_model=TranslateResponse,
               responses={status: {"model": ErrorResponse} for status in (400, 408, 413, 422, 429, 500, 503)},
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": TranslateRequest.model_json_schema()}}}})
+                  "application/json": {"schema": request_schema(limits)}}}})
     async def translate(request: Request) -> Response:
         """Translate the sentences of `text` (decoded together with other requests' sentences)."""
         start = time.perf_counter()
@@ -297,7 +314,7 @@ def create_app(translator: Translator, limits: Limits | None = None, backend: st
             return _error(503, "not serving")
         return JSONResponse({"status": "ok", "backend": backend, "queued_sentences": batcher.pending})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documents text/plain, Prometheus' exposition format
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
