@@ -3,13 +3,15 @@
 Requests are queued and decoded together (dynamic batching up to `max_batch` sentences or `max_wait_ms`), in one
 inference thread. Oversize bodies (before parsing), requests and sentences get 413, slow bodies 408, a full queue
 429 with Retry-After, shutdown 503, all with a JSON error, never a crash or a stack trace; a client that
-disconnects has its sentences left out of their batch. `/health`, Prometheus `/metrics`, `/openapi.json`; shutdown
-finishes the requests in flight. No model or search here."""
+disconnects has its sentences left out of their batch. `GET /` is a translation page (serving/page.html: one
+self-contained file, no CDN) drawing each sentence's attention map from `"alignments": true` answers. `/health`,
+Prometheus `/metrics`, `/openapi.json`; shutdown finishes the requests in flight. No model or search here."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -17,12 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nmt.errors import NMTError
-from nmt.translate import Translator
+from nmt.translate import Translation, Translator
+
+PAGE = Path(__file__).with_name("page.html")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class RequestError(Exception):
 class Job:
     lines: list[str]
     beam_size: int | None
+    alignments: bool
     future: asyncio.Future
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -76,6 +81,7 @@ class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     text: list[str] = Field(min_length=1, description="the sentences to translate, one translation each")
     beam_size: int | None = Field(None, ge=1, description="beam width, 1 = greedy search; default: the model's")
+    alignments: bool = Field(False, description="also return each sentence's attention weights and word alignment")
 
     @field_validator("beam_size", mode="before")
     @classmethod
@@ -84,8 +90,24 @@ class TranslateRequest(BaseModel):
         return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+class SentenceAlignment(BaseModel):
+    alignment: list[tuple[int, int]] = Field(description="(source word, output word) pairs, whitespace words")
+    source_pieces: list[str] = Field(description="the source's SentencePiece pieces (attention columns)")
+    target_pieces: list[str] = Field(description="the output's pieces (attention rows)")
+    attention: list[list[float]] = Field(description="weights [output piece][source piece]")
+
+
 class TranslateResponse(BaseModel):
     translations: list[str] = Field(description="one translation per sentence, in order")
+    alignments: list[SentenceAlignment] | None = Field(None, description='with "alignments": true, per sentence')
+
+
+def alignment_json(translation: Translation) -> dict[str, Any]:
+    """A SentenceAlignment of one translation (weights rounded to 4 decimals: what a heat map needs)."""
+    attention = translation.attention
+    return {"alignment": translation.alignment(), "source_pieces": translation.source_pieces or [],
+            "target_pieces": translation.target_pieces or [],
+            "attention": [] if attention is None else attention.float().mul(1e4).round().div(1e4).tolist()}
 
 
 class ErrorResponse(BaseModel):
@@ -103,8 +125,8 @@ def request_schema(limits: Limits) -> dict[str, Any]:
     return schema
 
 
-def parse_request(body: bytes, limits: Limits) -> tuple[list[str], int | None]:
-    """The request's sentences and beam size, or RequestError: 400 not JSON, 422 bad fields, 413 too large."""
+def parse_request(body: bytes, limits: Limits) -> TranslateRequest:
+    """The request, or RequestError: 400 not JSON, 422 bad fields, 413 too large."""
     try:
         request = TranslateRequest.model_validate_json(body)
     except ValidationError as err:
@@ -112,7 +134,8 @@ def parse_request(body: bytes, limits: Limits) -> tuple[list[str], int | None]:
         if first["type"] == "json_invalid":  # also invalid UTF-8 and nesting too deep for the parser
             raise RequestError(400, f"request body is not valid JSON ({first['msg']})") from None
         where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise RequestError(422, f"{where}: {first['msg']} (expected {{\"text\": [...], \"beam_size\": K}})") from None
+        raise RequestError(422, f"{where}: {first['msg']} (expected {{\"text\": [...], \"beam_size\": K, "
+                                f"\"alignments\": false}})") from None
     text, beam = request.text, request.beam_size
     if beam is not None and beam > limits.max_beam:
         raise RequestError(422, f'"beam_size" must be an integer from 1 to {limits.max_beam}')
@@ -121,7 +144,7 @@ def parse_request(body: bytes, limits: Limits) -> tuple[list[str], int | None]:
     longest = max(len(t) for t in text)
     if longest > limits.max_chars:
         raise RequestError(413, f"a sentence has {longest} characters; at most {limits.max_chars}")
-    return text, beam
+    return request
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:
@@ -161,12 +184,12 @@ class Batcher:
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
-    def submit(self, lines: list[str], beam_size: int | None) -> asyncio.Future:
+    def submit(self, lines: list[str], beam_size: int | None, alignments: bool = False) -> asyncio.Future:
         if self.closing:
             raise RequestError(503, "the server is shutting down")
         if self.pending + len(lines) > self.limits.max_queue:
             raise RequestError(429, f"queue full ({self.pending} sentences waiting; at most {self.limits.max_queue})")
-        job = Job(lines, beam_size, asyncio.get_running_loop().create_future())
+        job = Job(lines, beam_size, alignments, asyncio.get_running_loop().create_future())
         self.pending += len(lines)
         self.metrics.queue.set(self.pending)
         self.waiting.append(job)
@@ -202,23 +225,23 @@ class Batcher:
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
-            groups: dict[int | None, list[Job]] = {}
+            groups: dict[tuple[int | None, bool], list[Job]] = {}
             for job in batch:
                 if job.future.cancelled():  # its client has gone: nothing to decode
                     self.pending -= len(job.lines)
                     self.metrics.dropped.inc(len(job.lines))
                     continue
-                groups.setdefault(job.beam_size, []).append(job)
+                groups.setdefault((job.beam_size, job.alignments), []).append(job)
             self.metrics.queue.set(self.pending)
-            for beam, jobs in groups.items():
-                await self._decode(jobs, beam)
+            for (beam, alignments), jobs in groups.items():
+                await self._decode(jobs, beam, alignments)
 
-    async def _decode(self, jobs: list[Job], beam: int | None) -> None:
+    async def _decode(self, jobs: list[Job], beam: int | None, alignments: bool) -> None:
         lines = [line for job in jobs for line in job.lines]
         self.metrics.batch.observe(len(lines))
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self.executor, self._translate, lines, beam)
+            results = await loop.run_in_executor(self.executor, self._translate, lines, beam, alignments)
         except Exception as err:  # noqa: BLE001 — answer every job (500), keep serving
             results, error = None, err
         start = 0
@@ -232,8 +255,8 @@ class Batcher:
             self.pending -= len(job.lines)
         self.metrics.queue.set(self.pending)
 
-    def _translate(self, lines: list[str], beam: int | None) -> list[str]:
-        return [nbest[0].text for nbest in self.translator.translate(lines, beam_size=beam, nbest=1)]
+    def _translate(self, lines: list[str], beam: int | None, alignments: bool) -> list[Translation]:
+        return [nbest[0] for nbest in self.translator.translate(lines, alignments, beam_size=beam, nbest=1)]
 
     async def drain(self) -> None:
         """Refuse new jobs, let admitted ones finish, then stop the worker and the inference thread."""
@@ -266,9 +289,11 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(translator: Translator, limits: Limits | None = None, backend: str = "") -> FastAPI:
-    """The FastAPI app: POST /translate, GET /health, GET /metrics; batching starts with the app's lifespan."""
+    """The FastAPI app: GET / (the page), POST /translate, GET /health, GET /metrics; batching starts with the app's
+    lifespan."""
     limits = limits or Limits()
     metrics = Metrics()
+    page_html = PAGE.read_text(encoding="utf-8")
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -288,8 +313,10 @@ def create_app(translator: Translator, limits: Limits | None = None, backend: st
         """Translate the sentences of `text` (decoded together with other requests' sentences)."""
         start = time.perf_counter()
         try:
-            lines, beam = parse_request(await read_body(request, limits), limits)
-            translations = await answer_or_cancel(request, state["batcher"].submit(lines, beam))
+            asked = parse_request(await read_body(request, limits), limits)
+            lines = asked.text
+            translations = await answer_or_cancel(request, state["batcher"].submit(lines, asked.beam_size,
+                                                                                   asked.alignments))
         except ClientGone:
             metrics.requests.labels("499").inc()  # nginx's "client closed request"; nobody reads the answer
             return Response(status_code=499)
@@ -305,7 +332,15 @@ def create_app(translator: Translator, limits: Limits | None = None, backend: st
         metrics.requests.labels("200").inc()
         metrics.sentences.inc(len(lines))
         metrics.latency.observe(time.perf_counter() - start)
-        return JSONResponse({"translations": translations})
+        answer: dict[str, Any] = {"translations": [t.text for t in translations]}
+        if asked.alignments:
+            answer["alignments"] = [alignment_json(t) for t in translations]
+        return JSONResponse(answer)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> Response:
+        """The translation page: a text box, a beam size, the translations and their attention maps."""
+        return HTMLResponse(page_html)
 
     @app.get("/health")
     async def health() -> Response:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from serving.backends import open_translator
@@ -126,6 +127,21 @@ def test_health_and_metrics(server):
     assert "nmt_batch_sentences_count" in metrics
 
 
+def test_alignments_come_back_when_asked_and_match_nmt_translate(server, translator, toy_corpus):
+    lines = (toy_corpus / "test.src").read_text().splitlines()[:3]
+    plain = httpx.post(f"{server}/translate", json={"text": lines, "beam_size": 2}, timeout=30).json()
+    assert "alignments" not in plain
+    answer = httpx.post(f"{server}/translate", json={"text": lines, "beam_size": 2, "alignments": True},
+                        timeout=30).json()
+    assert answer["translations"] == plain["translations"]
+    for sentence, want in zip(answer["alignments"], [n[0] for n in translator.translate(lines, True, beam_size=2)]):
+        assert [tuple(pair) for pair in sentence["alignment"]] == want.alignment()
+        assert sentence["target_pieces"] == want.target_pieces and sentence["source_pieces"] == want.source_pieces
+        assert torch.allclose(torch.tensor(sentence["attention"]), want.attention, atol=1e-4)
+    refused = httpx.post(f"{server}/translate", json={"text": lines, "alignments": "yes"}, timeout=30)
+    assert refused.status_code == 422 and "alignments" in refused.json()["error"]
+
+
 def test_full_queue_refuses_with_429(translator):
     limits = Limits(max_queue=4)
     with pytest.raises(RequestError) as err:
@@ -147,7 +163,7 @@ def test_full_queue_refuses_with_429(translator):
         return status, result
 
     status, result = asyncio.run(overflow())
-    assert status == 429 and result == ["b a", "d c", "f e"]
+    assert status == 429 and [t.text for t in result] == ["b a", "d c", "f e"]
 
 
 def test_shutdown_finishes_requests_in_flight(translator):
@@ -194,10 +210,12 @@ def test_openapi_describes_the_request_the_answer_and_the_errors(server):
     schema = httpx.get(f"{server}/openapi.json").json()
     operation = schema["paths"]["/translate"]["post"]
     body = operation["requestBody"]["content"]["application/json"]["schema"]
-    assert body["required"] == ["text"] and set(body["properties"]) == {"text", "beam_size"}
+    assert body["required"] == ["text"] and set(body["properties"]) == {"text", "beam_size", "alignments"}
     assert body["additionalProperties"] is False
     answer = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
-    assert set(schema["components"]["schemas"][answer]["properties"]) == {"translations"}
+    assert set(schema["components"]["schemas"][answer]["properties"]) == {"translations", "alignments"}
+    assert "SentenceAlignment" in schema["components"]["schemas"]
+    assert httpx.get(f"{server}/").headers["content-type"].startswith("text/html")
     assert {"400", "408", "413", "422", "429", "500", "503"} <= set(operation["responses"])
 
 
