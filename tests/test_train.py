@@ -311,7 +311,7 @@ def test_a_checkpoint_write_cut_short_leaves_the_old_file_and_is_cleaned_up_late
 
     target = tmp_path / "last.pt"
     save_checkpoint(target, {"config": {}, "vocab": {}, "model": {"w": torch.ones(2)}})
-    stale = tmp_path / ".last.pt.k1ll3d.tmp"
+    stale = tmp_path / ".last.pt.tmp"
     stale.write_bytes(b"half a checkpoint")  # what a SIGKILL during a write leaves behind
     assert torch.equal(load_checkpoint(target)["model"]["w"], torch.ones(2))
     save_checkpoint(target, {"config": {}, "vocab": {}, "model": {"w": torch.zeros(2)}})
