@@ -17,7 +17,7 @@ import torch
 from serving.backends import open_translator
 from nmt.data import read_lines
 from nmt.errors import NMTError
-from recipes.runner import timed_translation
+from recipes.run import timed_translation
 
 
 PRECISIONS = ("fp32", "bf16", "bf16-unpacked")

@@ -1,5 +1,6 @@
-"""Tests for recipes/runner.py: stages run once, are skipped while current, rerun when their inputs change,
-resume after a kill; features not built are skipped; the summary files and the plot are written."""
+"""Tests for the recipe runner (recipes/runner.py, run.py, stages.py, summary.py): stages run once, are skipped
+while current, rerun when their inputs change, resume after a kill; features not built are skipped; the summary
+files and the plot are written."""
 
 from __future__ import annotations
 
