@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from nmt.data import write_atomic
+from nmt.atomic import write_atomic
 from nmt.errors import NMTError
 
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from nmt.config import Config, config_from_checkpoint
-from nmt.data import atomic_output
+from nmt.atomic import atomic_output
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.vocab import Vocab
@@ -23,7 +23,7 @@ FORMAT = "nmt-checkpoint-v1"
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write the checkpoint atomically (nmt.data.atomic_output): a kill or a full disk keeps the previous one."""
+    """Write the checkpoint atomically (nmt.atomic): a kill or a full disk keeps the previous one."""
     with atomic_output(path) as out:
         torch.save({"format": FORMAT, **payload}, out)
 

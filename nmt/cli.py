@@ -8,7 +8,6 @@ needs them, so `nmt train` never loads ONNX or a web framework. A user's mistake
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk, a folder not writable, ...: what and where, not a traceback
         where = f": {err.filename}" if err.filename else ""
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

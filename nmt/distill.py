@@ -21,7 +21,8 @@ import torch
 from nmt import parallel
 from nmt.checkpoint import load_model
 from nmt.config import Config, load_config
-from nmt.data import Batch, load_parallel, rejection, write_atomic
+from nmt.atomic import write_atomic
+from nmt.data import Batch, load_parallel, rejection
 from nmt.ensemble import combine
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq

@@ -20,6 +20,7 @@ from typing import Any
 
 import sentencepiece as spm
 
+from nmt.atomic import write_atomic
 from nmt.config import VocabConfig
 from nmt.errors import NMTError
 
@@ -126,7 +127,7 @@ class Vocab:
         if self.output_ids is not None:
             files[OUTPUT_MAP_FILE] = json.dumps({"sentencepiece_ids": list(self.output_ids)}).encode()
         for name, data in files.items():
-            (folder / name).write_bytes(data)
+            write_atomic(folder / name, data)  # a kill mid-write must not leave a vocabulary the next run loads
         return [folder / name for name in files]
 
     @classmethod

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from nmt.config import Config, config_from_dict
-from nmt.data import write_atomic
+from nmt.atomic import write_atomic
 from nmt.errors import NMTError
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import yaml
 from conftest import toy_config
 from nmt.checkpoint import load_checkpoint, load_model
 from nmt.config import load_config
-from nmt.data import write_atomic
+from nmt.atomic import write_atomic
 from nmt.errors import NMTError
 from nmt.evaluate import bleu
 from nmt.train import LRSchedule, Trainer
@@ -98,15 +98,16 @@ def test_killed_training_resumes_from_its_last_checkpoint_and_finishes(toy_corpu
 
 
 def full_disk(monkeypatch) -> None:
-    """Every file nmt.data writes (checkpoints, shards, manifests: `atomic_output`) goes to /dev/full: the kernel's ENOSPC, as on a full disk."""
+    """Every atomic write (nmt.atomic: checkpoints, vocabularies, shards, manifests) goes to /dev/full: the
+    kernel's ENOSPC, as on a full disk."""
     import builtins
 
-    import nmt.data
+    import nmt.atomic
 
     def open_full(path, mode="r", *args, **kwargs):
         return builtins.open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(nmt.data, "open", open_full, raising=False)
+    monkeypatch.setattr(nmt.atomic, "open", open_full, raising=False)
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_is_one_error_line(toy_corpus, tmp_path, monkeypatch):
