@@ -187,6 +187,8 @@ class Batcher:
     def submit(self, lines: list[str], beam_size: int | None, alignments: bool = False) -> asyncio.Future:
         if self.closing:
             raise RequestError(503, "the server is shutting down")
+        if len(lines) > self.limits.max_queue:  # would never fit: a 429 would be retried forever
+            raise RequestError(413, f"{len(lines)} sentences in one request; the queue holds {self.limits.max_queue}")
         if self.pending + len(lines) > self.limits.max_queue:
             raise RequestError(429, f"queue full ({self.pending} sentences waiting; at most {self.limits.max_queue})")
         job = Job(lines, beam_size, alignments, asyncio.get_running_loop().create_future())

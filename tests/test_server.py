@@ -165,6 +165,17 @@ def test_full_queue_refuses_with_429(translator):
     status, result = asyncio.run(overflow())
     assert status == 429 and [t.text for t in result] == ["b a", "d c", "f e"]
 
+    async def never_fits() -> int:
+        from serving.server import Batcher, Metrics
+
+        try:
+            Batcher(translator, Limits(max_queue=4), Metrics()).submit(["a"] * 5, None)
+        except RequestError as refused:
+            return refused.status
+        return 200
+
+    assert asyncio.run(never_fits()) == 413  # not 429: no wait would let it in
+
 
 def test_shutdown_finishes_requests_in_flight(translator):
     limits = Limits(max_wait_ms=400)  # the request is still waiting for its batch when shutdown begins
