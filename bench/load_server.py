@@ -27,10 +27,12 @@ from pathlib import Path
 
 import httpx
 
-from bench_serving import free_port, latency_ms, load_server
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "bench"), str(REPO), str(REPO / "tests")]
 
-LETTERS = "a b c d e f g h i j k l".split()
-TOY_MODEL = {"embed_dim": 32, "encoder_hidden": 64, "decoder_hidden": 64, "attention_dim": 32, "dropout": 0.0}
+from bench_serving import free_port, latency_ms, load_server  # noqa: E402
+from conftest import toy_config, write_reversal_corpus  # noqa: E402  (the tests' toy task, as in fault_injection.py)
+
 NMT = [sys.executable, "-m", "nmt.cli"]
 # schemathesis' default statuses for rejecting invalid data, plus 413: the server refuses a request over its limits
 # (too many sentences, a sentence too long; both in /openapi.json) with 413 Content Too Large, by design
@@ -39,31 +41,11 @@ expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429,
 """
 
 
-def write_toy_corpus(folder: Path, seed: int = 7) -> Path:
-    """The tests' toy task (tests/conftest.py): random letter sequences, translated to the same letters reversed."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", 3000), ("dev", 100), ("test", 100)):
-        src = [[rng.choice(LETTERS) for _ in range(rng.randint(3, 9))] for _ in range(count)]
-        (folder / f"{split}.src").write_text("".join(" ".join(words) + "\n" for words in src), encoding="utf-8")
-        (folder / f"{split}.tgt").write_text("".join(" ".join(words[::-1]) + "\n" for words in src), encoding="utf-8")
-    return folder
-
-
 def train_toy_model(corpus: Path, out_dir: Path) -> Path:
     """A run folder with the toy model trained as the tests' `toy_run` fixture trains it."""
-    from nmt.config import config_from_dict
     from nmt.train import Trainer
 
-    split = {name: {"src": str(corpus / f"{name}.src"), "tgt": str(corpus / f"{name}.tgt")}
-             for name in ("train", "dev", "test")}
-    config = config_from_dict({
-        "data": split, "vocab": {"size": 20}, "model": dict(TOY_MODEL),
-        "train": {"out_dir": str(out_dir), "batch_tokens": 1000, "lr": 0.003, "max_epochs": 30, "max_steps": 500,
-                  "valid_every": 100, "patience": 5, "label_smoothing": 0.0, "progress": False, "seed": 1},
-        "decode": {"beam_size": 5, "batch_size": 50},
-    })
-    Trainer(config, quiet=True).train()
+    Trainer(toy_config(corpus, out_dir), quiet=True).train()
     return out_dir
 
 
@@ -208,7 +190,7 @@ def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="nmt-load-") as tmp:
         work = Path(tmp)
-        corpus = write_toy_corpus(work / "corpus")
+        corpus = write_reversal_corpus(work / "corpus")
         source = Path(args.input) if args.input else corpus / "test.src"
         lines = sorted({line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()})
         export = prepare_export(args, work, corpus)

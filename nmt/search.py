@@ -48,7 +48,7 @@ class DecoderStep(Protocol):
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """prev_tokens [N] → log_probs [N, V] for the next token, and the new state (with the step's attention
-        weights [N, S] in `State.attention`, float32, where the backend gives them)."""
+        weights [N, S] in `State.attention`, in the backend's dtype, where the backend gives them)."""
         ...
 
 

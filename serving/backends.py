@@ -50,20 +50,20 @@ class BFloat16Step:
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
             log_probs, state = self.model.step(prev_tokens, state)
-        state.attention = state.attention.float()
         return log_probs.float(), state
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor):
     """x [N, in] → x @ weight.T + bias [N, out] by oneDNN with the bf16 weight reordered once into its blocked
     layout (a plain product re-blocks the weight on every call: about 30% of the output layer's time at decoding's
-    batch sizes; bench/bench_speedup.py measures it: PRECISION bf16-unpacked); None where this torch has no such kernel."""
+    batch sizes; bench/bench_speedup.py measures it: PRECISION bf16-unpacked); None where this torch has no such
+    kernel."""
     mkldnn = torch.ops.mkldnn
     if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")):
         return None
     try:
         blocked = mkldnn._reorder_linear_weight(weight.detach(), None)
-        bias = bias.detach().clone()
+        bias = bias.detach()
         product = (lambda x: mkldnn._linear_pointwise(x.to(torch.bfloat16), blocked, bias, "none", [], ""))
         product(torch.zeros(1, weight.size(1), dtype=torch.bfloat16))
     except RuntimeError:  # a CPU oneDNN cannot run bf16 on

@@ -227,6 +227,4 @@ class TensorRTStep:
         self.limits.check(memory.size(0), prev_tokens.size(0), memory.size(1))
         out = self.stepper.run({"prev_tokens": prev_tokens, **state.rows, **state.sentences})
         rows = {key: out[new] for key, new in ROW_KEYS.items() if new in out}
-        weights = out.get("weights")
-        return out["log_probs"].float(), State(rows=rows, sentences=state.sentences,
-                                               attention=None if weights is None else weights.float())
+        return out["log_probs"].float(), State(rows=rows, sentences=state.sentences, attention=out.get("weights"))
