@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nmt.allocator import keep_freed_memory
 from nmt.checkpoint import load_model
 from nmt.config import Config, config_from_dict, load_config
 from nmt.data import Batch
@@ -152,6 +153,7 @@ def bench_config(args: argparse.Namespace, work: Path) -> Config:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the nmt command does (NMT_MALLOC=system: glibc's defaults)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", help="folder with train/dev/test.{es,en} (default: synthetic)")
     parser.add_argument("--config", help="benchmark this training config (its data, vocabulary, model, batches)")

@@ -15,6 +15,7 @@ import json
 import torch
 
 from serving.backends import open_translator
+from nmt.allocator import keep_freed_memory
 from nmt.data import read_lines
 from nmt.errors import NMTError
 from recipes.run import timed_translation
@@ -40,6 +41,7 @@ def open_decoder(model: str, precision: str):
 
 
 def main() -> None:
+    keep_freed_memory()  # as the nmt command does (NMT_MALLOC=system: glibc's defaults)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="source sentences, one per line")
     parser.add_argument("--decode", type=parse_decode, action="append", required=True, help="RUN_DIR:BEAM[:PRECISION]")

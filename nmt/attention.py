@@ -30,14 +30,14 @@ def attend(projected_query: torch.Tensor, keys: torch.Tensor, memory: torch.Tens
            energy_weight: torch.Tensor, hidden_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention of projected queries [N, A] (N = B × K rows) → context [N, M], weights [N, S]:
     energies v · tanh(q + keys), masked, softmax over the source, weighted sum of the memory. `hidden_out`
-    [B, K, S, A], when given, receives tanh(q + keys) (what a hand-written backward needs)."""
-    batch, steps, _ = keys.shape
-    q = projected_query.view(batch, -1, 1, keys.size(-1))  # [B, K, 1, A]
-    if hidden_out is None:
-        hidden = torch.tanh(q + keys.unsqueeze(1))
-    else:
-        hidden = torch.add(q, keys.unsqueeze(1), out=hidden_out).tanh_()
-    energy = torch.matmul(hidden, energy_weight.t()).squeeze(-1)  # [B, K, S]
+    [B, K, S, A], when given, receives tanh(q + keys) (what a hand-written backward needs). The energies are
+    computed in the keys' dtype."""
+    batch, steps, size = keys.shape
+    q = projected_query.view(batch, -1, 1, size).to(keys.dtype)  # [B, K, 1, A]
+    # in place: a fresh [B, K, S, A] tensor per step costs more in page faults than its tanh on CPU
+    hidden = torch.add(q, keys.unsqueeze(1), out=hidden_out).tanh_()
+    # mv, not matmul: under autocast float32 keys keep the energies float32 (bf16 tanh is 5x slower on CPU)
+    energy = torch.mv(hidden.view(-1, size), energy_weight.view(-1).to(hidden.dtype)).view(batch, -1, steps)
     energy = energy.masked_fill(~src_mask.unsqueeze(1), torch.finfo(energy.dtype).min)
     weights = torch.softmax(energy, dim=-1)  # [B, K, S]
     context = torch.bmm(weights, memory)  # [B, K, M]

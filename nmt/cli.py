@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from nmt.allocator import keep_freed_memory
 from nmt.errors import NMTError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -182,6 +183,7 @@ def dispatch(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     try:
         dispatch(build_parser().parse_args(argv))
     except NMTError as err:

@@ -5,7 +5,8 @@ layers, attends with the top layer's state, and mixes state and context into the
 which `logits` predicts the next token (optionally through the tied target embeddings). The token's share of
 the first layer's input projection (`token_gates`) does not depend on the recurrence: teacher forcing computes
 it for all target positions in one matmul before the loop, then runs the loop with hand-written backpropagation
-through time (nmt.bptt) for plain cells, or `step` under autograd for layer-normalized ones; search calls `step`.
+through time (nmt.bptt) for plain cells, or `step` under autograd for layer-normalized ones. Search calls `step`
+with the whole projection made in one product (`input_projection`).
 """
 
 from __future__ import annotations
@@ -66,17 +67,20 @@ class Decoder(nn.Module):
         token_weight = self.first_input_weights()[0] if token_weight is None else token_weight
         return F.linear(self.embed(tokens), token_weight, self.cells[0].input_bias)
 
-    def step(self, token_gates: torch.Tensor, states: list[State], att_vec: torch.Tensor, keys: torch.Tensor,
-             memory: torch.Tensor, src_mask: torch.Tensor,
-             feed_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, list[State], torch.Tensor]:
-        """token_gates [N, G·H] (from `token_gates`), states per layer [N, H], att_vec [N, A'] → new att_vec
-        [N, A'], states, attention weights [N, S]."""
-        feed_weight = self.first_input_weights()[1] if feed_weight is None else feed_weight
+    def input_projection(self, tokens: torch.Tensor, att_vec: torch.Tensor) -> torch.Tensor:
+        """A search step's first-layer input projection [N, G·H]: the tokens' embeddings and the previous
+        attentional vector (input feeding) in one product with the whole weight (teacher forcing splits it: see
+        `token_gates`)."""
+        return self.cells[0].project(torch.cat([self.embed(tokens), att_vec], dim=-1))
+
+    def step(self, projected: torch.Tensor, states: list[State], keys: torch.Tensor, memory: torch.Tensor,
+             src_mask: torch.Tensor) -> tuple[torch.Tensor, list[State], torch.Tensor]:
+        """projected: the first layer's input projection [N, G·H] (`input_projection`, or `token_gates` plus the
+        input feeding's share), states per layer [N, H] → new att_vec [N, A'], states, attention weights [N, S]."""
         x = None  # the input of layers above the first
         new_states = []
         for layer, cell in enumerate(self.cells):
-            projected = token_gates + F.linear(att_vec, feed_weight) if layer == 0 else cell.project(x)
-            state = cell.step(projected, states[layer])
+            state = cell.step(projected if layer == 0 else cell.project(x), states[layer])
             new_states.append(state)
             x = self.dropout(hidden_of(state)) if layer + 1 < len(self.cells) else hidden_of(state)
         context, weights = self.attention(x, keys, memory, src_mask)  # [N, M], [N, S]
@@ -110,7 +114,8 @@ class Decoder(nn.Module):
         att_vec = memory.new_zeros(tgt_in.size(0), self.att_size)
         att_vecs = []
         for t in range(steps):
-            att_vec, states, _ = self.step(gates[:, t], states, att_vec, keys, memory, src_mask, feed_weight)
+            projected = gates[:, t] + F.linear(att_vec, feed_weight)
+            att_vec, states, _ = self.step(projected, states, keys, memory, src_mask)
             if self.feed_dropout:
                 att_vec = self.dropout(att_vec)
             att_vecs.append(att_vec)

@@ -106,8 +106,8 @@ class Seq2Seq(nn.Module):
         att_vec [N, A'], weights [N, S] (and cell [N, L, H] for LSTMs)."""
         layers = hidden.unbind(1)
         states = list(zip(layers, cell.unbind(1))) if cell is not None else list(layers)
-        att_vec, states, weights = self.decoder.step(self.decoder.token_gates(prev_tokens), states, att_vec, keys,
-                                                     memory, src_mask)
+        att_vec, states, weights = self.decoder.step(self.decoder.input_projection(prev_tokens, att_vec), states,
+                                                     keys, memory, src_mask)
         log_probs = self.decoder.logits(att_vec)  # [N, V]
         log_probs = log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))
         if log_softmax:

@@ -69,12 +69,12 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.ceil((src_lengths - 1).clamp(min=1).float() * ratio).long().clamp(min=1)
 
 
-def _mask_log_probs(log_probs: torch.Tensor, step: int, min_len: int, force_eos: torch.Tensor) -> torch.Tensor:
-    """Never pad/bos; no eos before min_len; only eos where force_eos [N] (the output reached its maximum).
-    In place: log_probs are the caller's (DecoderStep)."""
+def _mask_log_probs(log_probs: torch.Tensor, early: torch.Tensor | None, force_eos: torch.Tensor) -> torch.Tensor:
+    """Never pad/bos; no eos where `early` [N] (before min_len; None: nowhere); only eos where force_eos [N] (the
+    output reached its maximum). In place: log_probs are the caller's (DecoderStep)."""
     log_probs[:, list(NEVER_GENERATED)] = -math.inf
-    if step < min_len:
-        log_probs[:, EOS_ID] = -math.inf
+    if early is not None:
+        log_probs[early, EOS_ID] = -math.inf
     if force_eos.any():
         eos = log_probs[force_eos, EOS_ID]
         log_probs[force_eos] = -math.inf
@@ -84,14 +84,18 @@ def _mask_log_probs(log_probs: torch.Tensor, step: int, min_len: int, force_eos:
 
 def row_max(scores: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """scores.max(dim=-1) for [N, V], values and (first) indices, 4x faster on CPU at V = 16k: torch's max with
-    indices is a slow scalar loop there, so take each block's amax, then the index within the best block."""
+    indices is a slow scalar loop there, so take each block's amax, then the index within the best block (the
+    last V mod block columns form a block of their own: no padded copy)."""
     rows, vocab = scores.shape
-    if vocab % block:
-        scores = nn.functional.pad(scores, (0, block - vocab % block), value=-math.inf)
-    blocks = scores.view(rows, scores.size(1) // block, block)  # [N, V / block, block]
-    best, best_block = blocks.amax(dim=-1).max(dim=-1)  # [N], [N]
-    within = blocks[torch.arange(rows, device=scores.device), best_block].max(dim=-1).indices  # [N]
-    return best, best_block * block + within
+    whole = vocab - vocab % block
+    blocks = scores[:, :whole].unflatten(1, (whole // block, block))  # [N, V // block, block], a view
+    block_best = blocks.amax(dim=-1)  # [N, V // block]
+    if whole < vocab:
+        block_best = torch.cat([block_best, scores[:, whole:].amax(dim=-1, keepdim=True)], dim=1)
+    best, best_block = block_best.max(dim=-1)  # [N], [N]
+    start = (best_block * block).unsqueeze(1)  # [N, 1]
+    window = scores.gather(1, (start + torch.arange(block, device=scores.device)).clamp(max=vocab - 1))
+    return best, best_block * block + window.max(dim=-1).indices
 
 
 def _hypotheses(tokens: torch.Tensor, lengths: torch.Tensor, scores: torch.Tensor,
@@ -102,35 +106,97 @@ def _hypotheses(tokens: torch.Tensor, lengths: torch.Tensor, scores: torch.Tenso
             for sentence in zip(tokens, lengths, scores, normalized)]
 
 
+@dataclass
+class _Flight:
+    """Sentences under greedy decoding, a row each: original index, last token, score, tokens so far [B'], and
+    the decoder state."""
+
+    index: torch.Tensor
+    prev: torch.Tensor
+    score: torch.Tensor
+    position: torch.Tensor
+    state: State
+
+    @classmethod
+    def start(cls, index: torch.Tensor, state: State) -> _Flight:
+        zeros = torch.zeros_like(index)
+        return cls(index, torch.full_like(index, BOS_ID), zeros.float(), zeros, state)
+
+    def __len__(self) -> int:
+        return self.index.size(0)
+
+    def select(self, keep: torch.Tensor) -> _Flight:
+        return _Flight(self.index[keep], self.prev[keep], self.score[keep], self.position[keep],
+                       self.state.select(keep, keep))
+
+    def split(self, n: int) -> tuple[_Flight, _Flight]:
+        """The first n rows and the others (views)."""
+        parts = [_Flight(self.index[rows], self.prev[rows], self.score[rows], self.position[rows],
+                         State({k: v[rows] for k, v in self.state.rows.items()},
+                               {k: v[rows] for k, v in self.state.sentences.items()}))
+                 for rows in (slice(0, n), slice(n, None))]
+        return parts[0], parts[1]
+
+    def join(self, other: _Flight, src_lengths: torch.Tensor) -> _Flight:
+        """Both flights in one; the sentence tensors padded or cut to the longest source now in flight."""
+        index = torch.cat([self.index, other.index])
+        width = int(src_lengths[index].max())
+        sentences = {name: torch.cat([_source_width(rows, width), _source_width(other.state.sentences[name], width)])
+                     for name, rows in self.state.sentences.items()}
+        rows = {name: torch.cat([rows, other.state.rows[name]]) for name, rows in self.state.rows.items()}
+        return _Flight(index, torch.cat([self.prev, other.prev]), torch.cat([self.score, other.score]),
+                       torch.cat([self.position, other.position]), State(rows, sentences))
+
+
+def _source_width(sentences: torch.Tensor, width: int) -> torch.Tensor:
+    """A sentence tensor [B, S, ...] (the source position at dim 1, the DecoderStep contract) cut or zero-padded
+    (False for masks) to S = width."""
+    if sentences.size(1) >= width:
+        return sentences[:, :width]
+    padding = sentences.new_zeros((sentences.size(0), width - sentences.size(1), *sentences.shape[2:]))
+    return torch.cat([sentences, padding], dim=1)
+
+
 @torch.no_grad()
 def greedy_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor, max_len_ratio: float = 2.0,
-                  min_len: int = 0) -> list[Hypothesis]:
-    """Pick the most probable token at each step; finished sentences leave the batch."""
-    batch, device = src.size(0), src.device
-    max_lens = max_output_lengths(src_lengths, max_len_ratio)  # [B], tokens before eos
-    steps = int(max_lens.max()) + 1
-    state = decoder.encode(src, src_lengths)
-    active = torch.arange(batch, device=device)  # [B'] original index of each row
-    prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
-    scores = torch.zeros(batch, device=device)
-    tokens = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
-    lengths = torch.full((batch,), -1, dtype=torch.long, device=device)  # set when a sentence ends
-    final = torch.zeros(batch, device=device)
-    for t in range(steps):
-        log_probs, state = decoder.step(prev, state)
-        log_probs = _mask_log_probs(log_probs, t, min_len, max_lens[active] <= t)
-        best, prev = row_max(log_probs)  # [B'], [B']
-        scores = scores + best
-        tokens[active, t] = prev
-        done = prev == EOS_ID
-        if done.any():
-            lengths[active[done]], final[active[done]] = t, scores[done]
-            if done.all():
-                break
-            keep = (~done).nonzero().squeeze(1)
-            active, prev, scores = active[keep], prev[keep], scores[keep]
-            state = state.select(keep, keep)
-    # every row ends: eos is forced at its maximum length
+                  min_len: int = 0, batch_size: int | None = None) -> list[Hypothesis]:
+    """Pick the most probable token at each step, for at most `batch_size` sentences at once (default: all).
+    A finished sentence leaves the batch, and the next ones (encoded batch_size at a time, in the given order:
+    longest first keeps the padding low) join as soon as an eighth of the batch is free, so the batch runs full
+    to the end of the input instead of dwindling to its longest output (at decoding's batch sizes a step costs
+    nearly as much for one row as for 32: the weights stream from memory either way)."""
+    total, device = src.size(0), src.device
+    batch_size = batch_size or total
+    max_lens = max_output_lengths(src_lengths, max_len_ratio)  # [total], tokens before eos
+    tokens = torch.full((total, int(max_lens.max()) + 1), PAD_ID, dtype=torch.long, device=device)
+    lengths = torch.full((total,), -1, dtype=torch.long, device=device)  # set when a sentence ends
+    final = torch.zeros(total, device=device)
+    flight = waiting = None
+    encoded = 0  # sentences encoded so far
+    while True:
+        free = batch_size - (len(flight) if flight is not None else 0)
+        while free >= max(1, batch_size // 8) and (waiting is not None and len(waiting) or encoded < total):
+            if waiting is None or not len(waiting):
+                index = torch.arange(encoded, min(encoded + batch_size, total), device=device)
+                width = int(src_lengths[index].max())
+                waiting = _Flight.start(index, decoder.encode(src[index, :width], src_lengths[index]))
+                encoded += len(index)
+            boarding, waiting = waiting.split(free)
+            flight = boarding if flight is None else flight.join(boarding, src_lengths)
+            free -= len(boarding)
+        if flight is None or not len(flight):
+            break
+        log_probs, flight.state = decoder.step(flight.prev, flight.state)
+        early = flight.position < min_len if min_len else None
+        log_probs = _mask_log_probs(log_probs, early, max_lens[flight.index] <= flight.position)
+        best, flight.prev = row_max(log_probs)  # [B'], [B']
+        flight.score = flight.score + best
+        tokens[flight.index, flight.position] = flight.prev
+        done = flight.prev == EOS_ID
+        if done.any():  # every row ends: eos is forced at its maximum length
+            lengths[flight.index[done]], final[flight.index[done]] = flight.position[done], flight.score[done]
+            flight = flight.select((~done).nonzero().squeeze(1))
+        flight.position = flight.position + 1
     return [hyps[0] for hyps in _hypotheses(tokens.unsqueeze(1), lengths.unsqueeze(1), final.unsqueeze(1),
                                             final.unsqueeze(1))]
 
@@ -313,7 +379,8 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
     for t in range(steps):
         log_probs, beams.state = decoder.step(beams.prev, beams.state)
         at_max = (max_lens[beams.active] <= t).repeat_interleave(beam_size)
-        top = beams.expand(_mask_log_probs(log_probs, t, min_len, at_max))
+        early = torch.ones_like(at_max) if t < min_len else None
+        top = beams.expand(_mask_log_probs(log_probs, early, at_max))
         beams.close(top, finished, t, alpha)
         beams.advance(top)
         done = beams.done(finished, t, alpha)

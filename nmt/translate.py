@@ -125,9 +125,14 @@ class Translator:
             owners.extend([i] * len(parts))
         return sources, owners
 
+    @staticmethod
+    def _longest_first(ids: list[list[int]]) -> list[int]:
+        """Indices of the non-empty inputs, longest first (batches then pad little)."""
+        return sorted((i for i, seq in enumerate(ids) if seq), key=lambda i: -len(ids[i]))
+
     def _batches(self, ids: list[list[int]]) -> Iterator[list[int]]:
         """Indices of non-empty inputs, longest first, in batches of decode.batch_size."""
-        order = sorted((i for i, seq in enumerate(ids) if seq), key=lambda i: -len(ids[i]))
+        order = self._longest_first(ids)
         for start in range(0, len(order), self.decode.batch_size):
             yield order[start: start + self.decode.batch_size]
 
@@ -142,19 +147,24 @@ class Translator:
         ids, owners = self._sources(lines)
         empty = [Translation("", 0.0, [])] * decode.nbest
         results: list[list[Translation]] = [empty for _ in ids]
-        for batch in self._batches(ids):
-            src, lengths = pad([ids[i] for i in batch], suffix=EOS_ID)
-            src, lengths = src.to(self.device), lengths.to(self.device)
+        # greedy search takes all the inputs and keeps decode.batch_size of them in flight; beam search a batch
+        for batch in [self._longest_first(ids)] if decode.beam_size == 1 else self._batches(ids):
+            if not batch:
+                continue
+            src, lengths = self._padded([ids[i] for i in batch])
             if decode.beam_size == 1:
-                hyps = [[h] for h in greedy_search(self.decoder, src, lengths, decode.max_len_ratio, decode.min_len)]
+                hyps = [[h] for h in greedy_search(self.decoder, src, lengths, decode.max_len_ratio, decode.min_len,
+                                                   decode.batch_size)]
             else:
                 hyps = beam_search(self.decoder, src, lengths, decode.beam_size, decode.nbest, decode.length_penalty,
                                    decode.max_len_ratio, decode.min_len)
             for i, nbest in zip(batch, hyps):
                 results[i] = [self._text(h) for h in nbest] + [Translation("", 0.0, [])
                                                                for _ in range(decode.nbest - len(nbest))]
-            if alignments:
-                self._attend(src, lengths, [results[i] for i in batch], [ids[i] for i in batch])
+        if alignments:
+            for batch in self._batches(ids):
+                self._attend(*self._padded([ids[i] for i in batch]), [results[i] for i in batch],
+                             [ids[i] for i in batch])
         if len(ids) == len(lines):
             return results
         parts: list[list[list[Translation]]] = [[] for _ in lines]
@@ -162,6 +172,11 @@ class Translator:
             parts[owner].append(result)
         return [[joined([part[k] for part in line]) for k in range(decode.nbest)] if len(line) > 1 else line[0]
                 for line in parts]
+
+    def _padded(self, sources: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sources → src [B, S] (each ending with eos), lengths [B], on the decoder's device."""
+        src, lengths = pad(sources, suffix=EOS_ID)
+        return src.to(self.device), lengths.to(self.device)
 
     def _text(self, hyp: Hypothesis) -> Translation:
         return Translation(self.vocab.decode_tgt(hyp.tokens), hyp.score, hyp.tokens)
@@ -186,8 +201,7 @@ class Translator:
         tgt_ids = self.vocab.encode_tgt([t.strip() for t in targets])
         scores = [0.0] * len(sources)
         for batch in self._batches(src_ids):
-            src, lengths = pad([src_ids[i] for i in batch], suffix=EOS_ID)
-            totals = forced_scores(self.decoder, src.to(self.device), lengths.to(self.device),
+            totals = forced_scores(self.decoder, *self._padded([src_ids[i] for i in batch]),
                                    [tgt_ids[i] for i in batch])
             for i, total in zip(batch, totals.tolist()):
                 scores[i] = total

@@ -45,7 +45,10 @@ class BFloat16Step:
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> State:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
             state = self.model.encode(src, src_lengths)
-        return State({name: rows.float() for name, rows in state.rows.items()}, state.sentences)
+        sentences = dict(state.sentences)
+        if self.device_type == "cpu":  # the attention's tanh(q + keys) then runs in float32: 3x faster there
+            sentences["keys"] = sentences["keys"].float()
+        return State({name: rows.float() for name, rows in state.rows.items()}, sentences)
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):

@@ -133,6 +133,44 @@ def test_batched_search_equals_one_sentence_at_a_time(toy_model, toy_sources):
         assert alone[0][0].score == pytest.approx(batched[i][0].score, abs=1e-4)
 
 
+class CountingStep:
+    """A DecoderStep that records the rows of every step and the sentences of every encode."""
+
+    def __init__(self, model) -> None:
+        self.model, self.step_rows, self.encoded = model, [], []
+
+    def encode(self, src, src_lengths):
+        self.encoded.append(src.size(0))
+        return self.model.encode(src, src_lengths)
+
+    def step(self, prev_tokens, state):
+        self.step_rows.append(prev_tokens.size(0))
+        return self.model.step(prev_tokens, state)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_greedy_keeps_its_batch_full_and_equals_one_sentence_at_a_time(toy_model, toy_sources, batch_size):
+    model, _ = toy_model
+    src, lengths = toy_sources
+    order = torch.argsort(lengths, descending=True, stable=True)  # longest first, as the Translator gives them
+    src, lengths = src[order], lengths[order]
+    counting = CountingStep(model)
+    flowing = greedy_search(counting, src, lengths, batch_size=batch_size)
+    alone = [greedy_search(model, src[i: i + 1, : int(lengths[i])], lengths[i: i + 1])[0] for i in range(len(src))]
+    assert [h.tokens for h in flowing] == [h.tokens for h in alone]
+    assert [h.score for h in flowing] == pytest.approx([h.score for h in alone], abs=1e-4)
+    # simulated: free places are taken at the next step, once an eighth of the batch is free
+    queue, flying, expected_rows = [len(h.tokens) + 1 for h in alone], [], []  # steps per sentence: tokens, eos
+    while queue or flying:
+        free = batch_size - len(flying)
+        if free >= max(1, batch_size // 8):
+            flying, queue = flying + queue[:free], queue[free:]
+        expected_rows.append(len(flying))
+        flying = [left - 1 for left in flying if left > 1]
+    assert counting.step_rows == expected_rows
+    assert counting.encoded == [min(batch_size, len(src) - start) for start in range(0, len(src), batch_size)]
+
+
 def test_state_select_reorders_rows_and_sentences():
     rows = {"h": torch.arange(6).view(6, 1)}
     sentences = {"m": torch.arange(3).view(3, 1)}
