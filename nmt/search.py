@@ -24,7 +24,9 @@ NEVER_GENERATED = (PAD_ID, BOS_ID)
 @dataclass
 class State:
     """Decoder state. `rows` hold one row per hypothesis (dim 0 = N = B × K, the K rows of a sentence
-    adjacent); `sentences` hold one row per sentence (dim 0 = B): encoder memory, keys, source mask."""
+    adjacent); `sentences` hold one row per sentence (dim 0 = B) with the source position at dim 1: encoder
+    memory, keys, source mask (the searches pad that dimension with zeros / False, or cut it, when they join
+    sentences encoded apart)."""
 
     rows: dict[str, torch.Tensor]
     sentences: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -82,20 +84,43 @@ def _mask_log_probs(log_probs: torch.Tensor, early: torch.Tensor | None, force_e
     return log_probs
 
 
-def row_max(scores: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores.max(dim=-1) for [N, V], values and (first) indices, 4x faster on CPU at V = 16k: torch's max with
-    indices is a slow scalar loop there, so take each block's amax, then the index within the best block (the
-    last V mod block columns form a block of their own: no padded copy)."""
+def _block_maxima(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """[N, V] → the maximum of each run of `block` columns [N, ceil(V / block)] (the last run may be shorter),
+    without a padded copy."""
     rows, vocab = scores.shape
     whole = vocab - vocab % block
-    blocks = scores[:, :whole].unflatten(1, (whole // block, block))  # [N, V // block, block], a view
-    block_best = blocks.amax(dim=-1)  # [N, V // block]
+    maxima = scores[:, :whole].unflatten(1, (whole // block, block)).amax(dim=-1)  # a view's reduction
     if whole < vocab:
-        block_best = torch.cat([block_best, scores[:, whole:].amax(dim=-1, keepdim=True)], dim=1)
-    best, best_block = block_best.max(dim=-1)  # [N], [N]
-    start = (best_block * block).unsqueeze(1)  # [N, 1]
-    window = scores.gather(1, (start + torch.arange(block, device=scores.device)).clamp(max=vocab - 1))
-    return best, best_block * block + window.max(dim=-1).indices
+        maxima = torch.cat([maxima, scores[:, whole:].amax(dim=-1, keepdim=True)], dim=1)
+    return maxima
+
+
+def _block_columns(blocks: torch.Tensor, block: int) -> torch.Tensor:
+    """Block numbers [N, b] → their columns [N, b · block] (past the last column where the last block is short)."""
+    return (blocks.unsqueeze(-1) * block + torch.arange(block, device=blocks.device)).flatten(1)
+
+
+def row_max(scores: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores.max(dim=-1) for [N, V], values and (first) indices, 4x faster on CPU at V = 16k: torch's max with
+    indices is a slow scalar loop there, so take each block's amax, then the index within the best block."""
+    best, best_block = _block_maxima(scores, block).max(dim=-1)  # [N], [N]
+    columns = _block_columns(best_block.unsqueeze(1), block).clamp(max=scores.size(1) - 1)  # [N, block]
+    return best, best_block * block + scores.gather(1, columns).max(dim=-1).indices
+
+
+def row_topk(scores: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores.topk(k, dim=-1) for [N, V], values and indices (order among equal values unspecified, as with
+    topk), faster on CPU where V is much larger than k: the k best entries lie in the k blocks with the best
+    maxima, so only those are searched."""
+    vocab = scores.size(1)
+    if vocab <= 4 * k * block:
+        return scores.topk(min(k, vocab), dim=-1)
+    columns = _block_columns(_block_maxima(scores, block).topk(k, dim=-1).indices, block)  # [N, k · block]
+    window = scores.gather(1, columns.clamp(max=vocab - 1))
+    if vocab % block:
+        window = window.masked_fill(columns >= vocab, -math.inf)  # the short last block's missing columns
+    values, where = window.topk(k, dim=-1)
+    return values, columns.gather(1, where)
 
 
 def _hypotheses(tokens: torch.Tensor, lengths: torch.Tensor, scores: torch.Tensor,
@@ -106,10 +131,70 @@ def _hypotheses(tokens: torch.Tensor, lengths: torch.Tensor, scores: torch.Tenso
             for sentence in zip(tokens, lengths, scores, normalized)]
 
 
+def _rows_of(state: State, rows: slice) -> State:
+    """The state of some sentences, one row each (as `encode` gives them), as views."""
+    return State({k: v[rows] for k, v in state.rows.items()}, {k: v[rows] for k, v in state.sentences.items()})
+
+
+def _source_width(sentences: torch.Tensor, width: int) -> torch.Tensor:
+    """A sentence tensor [B, S, ...] (the source position at dim 1, the DecoderStep contract) cut or zero-padded
+    (False for masks) to S = width."""
+    if sentences.size(1) >= width:
+        return sentences[:, :width]
+    padding = sentences.new_zeros((sentences.size(0), width - sentences.size(1), *sentences.shape[2:]))
+    return torch.cat([sentences, padding], dim=1)
+
+
+def _join_states(first: State, second: State, width: int) -> State:
+    """Two states in one: rows after rows, sentences after sentences, padded or cut to S = width."""
+    return State({k: torch.cat([v, second.rows[k]]) for k, v in first.rows.items()},
+                 {k: torch.cat([_source_width(v, width), _source_width(second.sentences[k], width)])
+                  for k, v in first.sentences.items()})
+
+
+class _Boarding:
+    """The sentences a search has still to start, in the order given (longest first keeps the padding low): encoded
+    `batch_size` at a time, and handed out as places in the batch free. A search keeps its batch full this way to
+    the end of the input, instead of letting each batch dwindle to its longest output (at decoding's batch sizes
+    a step costs nearly as much for a few rows as for all: the weights stream from memory either way)."""
+
+    def __init__(self, decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor, batch_size: int) -> None:
+        self.decoder, self.src, self.src_lengths, self.batch_size = decoder, src, src_lengths, batch_size
+        self.encoded = 0  # sentences encoded so far
+        self.index = torch.zeros(0, dtype=torch.long, device=src.device)  # encoded, not yet handed out
+        self.state: State | None = None
+
+    def pending(self) -> bool:
+        return self.encoded < self.src.size(0) or len(self.index) > 0
+
+    def take(self, places: int) -> tuple[torch.Tensor, State]:
+        """Up to `places` sentences: their indices in src [n] and their encoded state (a row each)."""
+        if not len(self.index):
+            end = min(self.encoded + self.batch_size, self.src.size(0))
+            self.index = torch.arange(self.encoded, end, device=self.src.device)
+            width = int(self.src_lengths[self.index].max())
+            self.state = self.decoder.encode(self.src[self.index, :width], self.src_lengths[self.index])
+            self.encoded = end
+        n = min(places, len(self.index))
+        taken = self.index[:n], _rows_of(self.state, slice(0, n))
+        self.index, self.state = self.index[n:], _rows_of(self.state, slice(n, None))
+        return taken
+
+
+def _board(boarding: _Boarding, flying: int, start, join) -> None:
+    """Fill the batch (once an eighth of it is free): `start(index, state)` makes the newcomers' search rows,
+    `join(rows)` adds them to the flight."""
+    free = boarding.batch_size - flying
+    while free >= max(1, boarding.batch_size // 8) and boarding.pending():
+        index, state = boarding.take(free)
+        join(start(index, state))
+        free -= len(index)
+
+
 @dataclass
 class _Flight:
-    """Sentences under greedy decoding, a row each: original index, last token, score, tokens so far [B'], and
-    the decoder state."""
+    """Sentences under greedy decoding, a row each: their index in src, last token, score, tokens so far [B'],
+    and the decoder state."""
 
     index: torch.Tensor
     prev: torch.Tensor
@@ -122,69 +207,37 @@ class _Flight:
         zeros = torch.zeros_like(index)
         return cls(index, torch.full_like(index, BOS_ID), zeros.float(), zeros, state)
 
-    def __len__(self) -> int:
-        return self.index.size(0)
-
     def select(self, keep: torch.Tensor) -> _Flight:
         return _Flight(self.index[keep], self.prev[keep], self.score[keep], self.position[keep],
                        self.state.select(keep, keep))
 
-    def split(self, n: int) -> tuple[_Flight, _Flight]:
-        """The first n rows and the others (views)."""
-        parts = [_Flight(self.index[rows], self.prev[rows], self.score[rows], self.position[rows],
-                         State({k: v[rows] for k, v in self.state.rows.items()},
-                               {k: v[rows] for k, v in self.state.sentences.items()}))
-                 for rows in (slice(0, n), slice(n, None))]
-        return parts[0], parts[1]
-
     def join(self, other: _Flight, src_lengths: torch.Tensor) -> _Flight:
-        """Both flights in one; the sentence tensors padded or cut to the longest source now in flight."""
         index = torch.cat([self.index, other.index])
-        width = int(src_lengths[index].max())
-        sentences = {name: torch.cat([_source_width(rows, width), _source_width(other.state.sentences[name], width)])
-                     for name, rows in self.state.sentences.items()}
-        rows = {name: torch.cat([rows, other.state.rows[name]]) for name, rows in self.state.rows.items()}
         return _Flight(index, torch.cat([self.prev, other.prev]), torch.cat([self.score, other.score]),
-                       torch.cat([self.position, other.position]), State(rows, sentences))
-
-
-def _source_width(sentences: torch.Tensor, width: int) -> torch.Tensor:
-    """A sentence tensor [B, S, ...] (the source position at dim 1, the DecoderStep contract) cut or zero-padded
-    (False for masks) to S = width."""
-    if sentences.size(1) >= width:
-        return sentences[:, :width]
-    padding = sentences.new_zeros((sentences.size(0), width - sentences.size(1), *sentences.shape[2:]))
-    return torch.cat([sentences, padding], dim=1)
+                       torch.cat([self.position, other.position]),
+                       _join_states(self.state, other.state, int(src_lengths[index].max())))
 
 
 @torch.no_grad()
 def greedy_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor, max_len_ratio: float = 2.0,
                   min_len: int = 0, batch_size: int | None = None) -> list[Hypothesis]:
-    """Pick the most probable token at each step, for at most `batch_size` sentences at once (default: all).
-    A finished sentence leaves the batch, and the next ones (encoded batch_size at a time, in the given order:
-    longest first keeps the padding low) join as soon as an eighth of the batch is free, so the batch runs full
-    to the end of the input instead of dwindling to its longest output (at decoding's batch sizes a step costs
-    nearly as much for one row as for 32: the weights stream from memory either way)."""
+    """Pick the most probable token at each step, for at most `batch_size` sentences at once (default: all); a
+    finished sentence leaves the batch and the next ones take the places (`_Boarding`)."""
     total, device = src.size(0), src.device
-    batch_size = batch_size or total
+    boarding = _Boarding(decoder, src, src_lengths, batch_size or total)
     max_lens = max_output_lengths(src_lengths, max_len_ratio)  # [total], tokens before eos
     tokens = torch.full((total, int(max_lens.max()) + 1), PAD_ID, dtype=torch.long, device=device)
     lengths = torch.full((total,), -1, dtype=torch.long, device=device)  # set when a sentence ends
     final = torch.zeros(total, device=device)
-    flight = waiting = None
-    encoded = 0  # sentences encoded so far
+    flight = _Flight.start(boarding.index, State({}, {}))  # empty
+
+    def join(newcomers: _Flight) -> None:
+        nonlocal flight
+        flight = newcomers if not len(flight.index) else flight.join(newcomers, src_lengths)
+
     while True:
-        free = batch_size - (len(flight) if flight is not None else 0)
-        while free >= max(1, batch_size // 8) and (waiting is not None and len(waiting) or encoded < total):
-            if waiting is None or not len(waiting):
-                index = torch.arange(encoded, min(encoded + batch_size, total), device=device)
-                width = int(src_lengths[index].max())
-                waiting = _Flight.start(index, decoder.encode(src[index, :width], src_lengths[index]))
-                encoded += len(index)
-            boarding, waiting = waiting.split(free)
-            flight = boarding if flight is None else flight.join(boarding, src_lengths)
-            free -= len(boarding)
-        if flight is None or not len(flight):
+        _board(boarding, len(flight.index), _Flight.start, join)
+        if not len(flight.index):
             break
         log_probs, flight.state = decoder.step(flight.prev, flight.state)
         early = flight.position < min_len if min_len else None
@@ -235,8 +288,8 @@ def _keep_greedy(greedy: _GreedyStep, origin: torch.Tensor, token: torch.Tensor,
 
 @dataclass
 class _Finished:
-    """The n best finished hypotheses of every sentence (by original index), kept as tensors [B, nbest(, L)]:
-    normalized score (what ranks them), total score, length (-1: none yet) and tokens."""
+    """The n best finished hypotheses of every sentence (by index in src), kept as tensors [B, nbest(, L)]:
+    normalized score (what ranks them), total score, length (-1: none yet) and tokens (pad after the length)."""
 
     normalized: torch.Tensor
     score: torch.Tensor
@@ -250,17 +303,15 @@ class _Finished:
                    torch.full((batch, nbest, steps), PAD_ID, dtype=torch.long, device=device))
 
     def add(self, active: torch.Tensor, closing: torch.Tensor, score: torch.Tensor, normalized: torch.Tensor,
-            tokens: torch.Tensor) -> None:
-        """Merge new hypotheses of the live sentences: closing / score / normalized [B', C], tokens [B', C, t]
-        (the hypotheses' tokens so far, all of length t)."""
-        length = tokens.size(2)
+            tokens: torch.Tensor, length: torch.Tensor) -> None:
+        """Merge new hypotheses of the live sentences: closing / score / normalized [B', C], tokens [B', C, L]
+        (pad after each sentence's `length` [B'], the tokens so far)."""
         normalized = torch.cat([self.normalized[active], normalized.masked_fill(~closing, -math.inf)], dim=1)
-        candidates = torch.cat([self.length[active], torch.where(closing, length, -1)], dim=1)
+        candidates = torch.cat([self.length[active], torch.where(closing, length.unsqueeze(1), -1)], dim=1)
         # keep the best nbest; filled entries before empty ones, earlier before later on equal scores
         rank = torch.where(candidates >= 0, normalized, -math.inf)
         order = torch.sort(rank, dim=1, descending=True, stable=True).indices[:, : self.normalized.size(1)]
-        new_tokens = nn.functional.pad(tokens, (0, self.tokens.size(2) - length), value=PAD_ID)
-        all_tokens = torch.cat([self.tokens[active], new_tokens], dim=1)  # [B', nbest + C, L]
+        all_tokens = torch.cat([self.tokens[active], tokens], dim=1)  # [B', nbest + C, L]
         self.tokens[active] = all_tokens.gather(1, order.unsqueeze(2).expand(-1, -1, all_tokens.size(2)))
         self.normalized[active] = normalized.gather(1, order)
         self.score[active] = torch.cat([self.score[active], score], dim=1).gather(1, order)
@@ -286,11 +337,13 @@ class _Expansion(NamedTuple):
 
 @dataclass
 class _Beams:
-    """The K hypotheses of each live sentence: its original index [B'], their scores [B', K], tokens so far
-    [B'·K, t] and last tokens [B'·K], the greedy path's slot [B'] (-1 once it ended), the decoder state."""
+    """The K hypotheses of each live sentence: its index in src [B'], its tokens so far [B'], their scores
+    [B', K], tokens [B'·K, L] (pad after the position) and last tokens [B'·K], the greedy path's slot [B'] (-1
+    once it ended), the decoder state."""
 
     k: int
     active: torch.Tensor
+    position: torch.Tensor
     scores: torch.Tensor
     history: torch.Tensor
     prev: torch.Tensor
@@ -298,25 +351,37 @@ class _Beams:
     state: State
 
     @classmethod
-    def start(cls, state: State, batch: int, k: int, device: torch.device) -> _Beams:
+    def start(cls, index: torch.Tensor, state: State, k: int, steps: int) -> _Beams:
+        batch, device = index.size(0), index.device
         scores = torch.full((batch, k), -math.inf, device=device)
         scores[:, 0] = 0.0  # one live beam per sentence at the start
-        return cls(k, torch.arange(batch, device=device), scores,
-                   torch.full((batch * k, 0), BOS_ID, dtype=torch.long, device=device),
+        return cls(k, index, torch.zeros_like(index), scores,
+                   torch.full((batch * k, steps), PAD_ID, dtype=torch.long, device=device),
                    torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device),
                    torch.zeros(batch, dtype=torch.long, device=device),
                    state.select(torch.arange(batch, device=device).repeat_interleave(k)))  # [B*K] rows
 
+    def join(self, other: _Beams, src_lengths: torch.Tensor) -> _Beams:
+        active = torch.cat([self.active, other.active])
+        return _Beams(self.k, active, *(torch.cat([mine, theirs]) for mine, theirs in (
+            (self.position, other.position), (self.scores, other.scores), (self.history, other.history),
+            (self.prev, other.prev), (self.greedy_slot, other.greedy_slot))),
+            _join_states(self.state, other.state, int(src_lengths[active].max())))
+
     def expand(self, log_probs: torch.Tensor) -> _Expansion:
         """log_probs [B'·K, V] → the 2K best continuations of each sentence, and the greedy path's next step."""
         live, k, vocab = self.active.size(0), self.k, log_probs.size(-1)
-        log_probs = log_probs.view(live, k, vocab)
-        candidates = (self.scores.unsqueeze(-1) + log_probs).view(live, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # [B', 2K]
-        greedy = _greedy_step(log_probs, self.scores, self.greedy_slot, torch.arange(live, device=log_probs.device))
-        return _Expansion(top_scores, top_index // vocab, top_index % vocab, greedy)
+        # the 2K best of a sentence are among the 2K best of each of its beams: those first, then the best of them
+        row_scores, row_tokens = row_topk(log_probs, 2 * k)  # [B'·K, C], C = min(2K, V)
+        candidates = (self.scores.unsqueeze(-1) + row_scores.view(live, k, -1)).view(live, -1)  # [B', K·C]
+        top_scores, top_index = candidates.topk(min(2 * k, candidates.size(1)), dim=-1)  # [B', 2K]
+        origin = top_index // row_scores.size(1)
+        token = row_tokens.view(live, -1).gather(1, top_index)
+        greedy = _greedy_step(log_probs.view(live, k, vocab), self.scores, self.greedy_slot,
+                              torch.arange(live, device=log_probs.device))
+        return _Expansion(top_scores, origin, token, greedy)
 
-    def close(self, top: _Expansion, finished: _Finished, t: int, alpha: float) -> None:
+    def close(self, top: _Expansion, finished: _Finished, alpha: float) -> None:
         """Finish hypotheses: eos among the K best continuations with a finite score, and the greedy path's
         eos when it is not among them."""
         k, greedy = self.k, top.greedy
@@ -328,9 +393,9 @@ class _Beams:
         scores = torch.cat([top.scores[:, :k], greedy.score.unsqueeze(1)], dim=1)  # [B', K + 1]
         beams = torch.cat([top.origin[:, :k], greedy.beam.unsqueeze(1)], dim=1)
         live = torch.arange(self.active.size(0), device=beams.device).unsqueeze(1)
-        tokens = self.history.view(self.active.size(0), k, t)[live, beams]  # [B', K + 1, t]
+        tokens = self.history.view(self.active.size(0), k, -1)[live, beams]  # [B', K + 1, L]
         finished.add(self.active, torch.cat([closing, greedy_closing], dim=1), scores,
-                     scores / length_penalty(t + 1, alpha), tokens)
+                     scores / length_penalty(self.position + 1, alpha).unsqueeze(1), tokens, self.position)
 
     def advance(self, top: _Expansion) -> None:
         """Continue the K best non-eos continuations, the greedy path in the last slot if it fell out of them."""
@@ -340,13 +405,14 @@ class _Beams:
         live = torch.arange(self.active.size(0), device=origin.device)
         rows = (live.unsqueeze(1) * self.k + origin).view(-1)  # [B'·K]
         self.prev = token.view(-1)
-        self.history = torch.cat([self.history.index_select(0, rows), self.prev.unsqueeze(1)], dim=1)
+        self.history = self.history.index_select(0, rows)
+        self.history[torch.arange(rows.size(0), device=rows.device), self.position.repeat_interleave(self.k)] = self.prev
         self.scores = scores
         self.state = self.state.select(rows)
 
-    def done(self, finished: _Finished, t: int, alpha: float) -> torch.Tensor:
+    def done(self, finished: _Finished, alpha: float) -> torch.Tensor:
         """[B']: no live beam can beat the sentence's last kept finished hypothesis (or none is finite)."""
-        bound = self.scores.max(dim=1).values / length_penalty(t + 1, alpha)  # [B']
+        bound = self.scores.max(dim=1).values / length_penalty(self.position + 1, alpha)  # [B']
         return (bound == -math.inf) | finished.done(self.active, bound)
 
     def retire(self, done: torch.Tensor) -> None:
@@ -354,15 +420,16 @@ class _Beams:
         keep = (~done).nonzero().squeeze(1)
         keep_rows = (keep.unsqueeze(1) * self.k + torch.arange(self.k, device=keep.device)).view(-1)
         self.active, self.scores, self.greedy_slot = self.active[keep], self.scores[keep], self.greedy_slot[keep]
-        self.prev, self.history = self.prev[keep_rows], self.history[keep_rows]
+        self.position, self.prev, self.history = self.position[keep], self.prev[keep_rows], self.history[keep_rows]
         self.state = self.state.select(keep_rows, keep)
 
 
 @torch.no_grad()
 def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tensor, beam_size: int = 5,
                 nbest: int = 1, alpha: float = 1.0, max_len_ratio: float = 2.0,
-                min_len: int = 0) -> list[list[Hypothesis]]:
-    """Batched beam search: all sentences × K beams in one tensor; finished sentences leave the batch.
+                min_len: int = 0, batch_size: int | None = None) -> list[list[Hypothesis]]:
+    """Batched beam search: at most `batch_size` sentences (default: all) × K beams in one tensor; a finished
+    sentence leaves the batch and the next ones take the places (`_Boarding`).
 
     At each step the 2K best continuations of a sentence are taken; an eos among its K best closes a
     hypothesis, the K best others continue. The greedy path is never pruned: when its next step falls out of
@@ -371,23 +438,31 @@ def beam_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Tens
     exact without length penalty (scores only fall), the usual heuristic with it; at the maximum length eos
     is forced. Returns the `nbest` best finished hypotheses of each sentence, ranked by score / length penalty.
     """
-    batch, device = src.size(0), src.device
+    total, device, k = src.size(0), src.device, beam_size
+    boarding = _Boarding(decoder, src, src_lengths, batch_size or total)
     max_lens = max_output_lengths(src_lengths, max_len_ratio)
     steps = int(max_lens.max()) + 1
-    beams = _Beams.start(decoder.encode(src, src_lengths), batch, beam_size, device)
-    finished = _Finished.empty(batch, nbest, steps, device)
-    for t in range(steps):
-        log_probs, beams.state = decoder.step(beams.prev, beams.state)
-        at_max = (max_lens[beams.active] <= t).repeat_interleave(beam_size)
-        early = torch.ones_like(at_max) if t < min_len else None
-        top = beams.expand(_mask_log_probs(log_probs, early, at_max))
-        beams.close(top, finished, t, alpha)
-        beams.advance(top)
-        done = beams.done(finished, t, alpha)
-        if done.all():
+    finished = _Finished.empty(total, nbest, steps, device)
+    beams = _Beams.start(boarding.index, State({}, {}), k, steps)  # empty
+
+    def join(newcomers: _Beams) -> None:
+        nonlocal beams
+        beams = newcomers if not len(beams.active) else beams.join(newcomers, src_lengths)
+
+    while True:
+        _board(boarding, len(beams.active), lambda index, state: _Beams.start(index, state, k, steps), join)
+        if not len(beams.active):
             break
+        log_probs, beams.state = decoder.step(beams.prev, beams.state)
+        at_max = (max_lens[beams.active] <= beams.position).repeat_interleave(k)
+        early = (beams.position < min_len).repeat_interleave(k) if min_len else None
+        top = beams.expand(_mask_log_probs(log_probs, early, at_max))
+        beams.close(top, finished, alpha)
+        beams.advance(top)
+        done = beams.done(finished, alpha)
         if done.any():
             beams.retire(done)
+        beams.position = beams.position + 1
     return finished.hypotheses()
 
 

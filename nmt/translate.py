@@ -147,18 +147,16 @@ class Translator:
         ids, owners = self._sources(lines)
         empty = [Translation("", 0.0, [])] * decode.nbest
         results: list[list[Translation]] = [empty for _ in ids]
-        # greedy search takes all the inputs and keeps decode.batch_size of them in flight; beam search a batch
-        for batch in [self._longest_first(ids)] if decode.beam_size == 1 else self._batches(ids):
-            if not batch:
-                continue
-            src, lengths = self._padded([ids[i] for i in batch])
+        order = self._longest_first(ids)
+        if order:  # the searches keep decode.batch_size sentences in flight, the next taking a finished one's place
+            src, lengths = self._padded([ids[i] for i in order])
             if decode.beam_size == 1:
                 hyps = [[h] for h in greedy_search(self.decoder, src, lengths, decode.max_len_ratio, decode.min_len,
                                                    decode.batch_size)]
             else:
                 hyps = beam_search(self.decoder, src, lengths, decode.beam_size, decode.nbest, decode.length_penalty,
-                                   decode.max_len_ratio, decode.min_len)
-            for i, nbest in zip(batch, hyps):
+                                   decode.max_len_ratio, decode.min_len, decode.batch_size)
+            for i, nbest in zip(order, hyps):
                 results[i] = [self._text(h) for h in nbest] + [Translation("", 0.0, [])
                                                                for _ in range(decode.nbest - len(nbest))]
         if alignments:

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_random_model
 from nmt.checkpoint import load_model
 from nmt.data import pad
-from nmt.search import State, beam_search, forced_scores, greedy_search, length_penalty, row_max
+from nmt.search import State, beam_search, forced_scores, greedy_search, length_penalty, row_max, row_topk
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
@@ -171,6 +171,27 @@ def test_greedy_keeps_its_batch_full_and_equals_one_sentence_at_a_time(toy_model
     assert counting.encoded == [min(batch_size, len(src) - start) for start in range(0, len(src), batch_size)]
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_beam_search_with_places_refilled_equals_one_sentence_at_a_time(toy_model, toy_sources, batch_size):
+    model, _ = toy_model
+    src, lengths = toy_sources
+    order = torch.argsort(lengths, descending=True, stable=True)
+    src, lengths = src[order], lengths[order]
+    counting = CountingStep(model)
+    flowing = beam_search(counting, src, lengths, beam_size=4, nbest=2, batch_size=batch_size)
+    for i in range(len(src)):
+        alone = beam_search(model, src[i: i + 1, : int(lengths[i])], lengths[i: i + 1], beam_size=4, nbest=2)[0]
+        assert [h.tokens for h in flowing[i]] == [h.tokens for h in alone]
+        assert [h.score for h in flowing[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
+    assert max(counting.step_rows) == 4 * min(batch_size, len(src))
+    assert counting.encoded == [min(batch_size, len(src) - start) for start in range(0, len(src), batch_size)]
+    unrefilled = CountingStep(model)
+    for start in range(0, len(src), batch_size):
+        rows = slice(start, start + batch_size)
+        beam_search(unrefilled, src[rows], lengths[rows], beam_size=4, nbest=2)
+    assert len(counting.step_rows) < len(unrefilled.step_rows) or batch_size == 1
+
+
 def test_state_select_reorders_rows_and_sentences():
     rows = {"h": torch.arange(6).view(6, 1)}
     sentences = {"m": torch.arange(3).view(3, 1)}
@@ -199,6 +220,21 @@ def test_row_max_equals_torch_max_with_ties_and_masked_entries(vocab):
     assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
     assert indices[1] == 3 and indices[2] == vocab - 1
     assert row_max(scores[:0])[1].shape == (0,)
+
+
+@pytest.mark.parametrize("vocab", [7892, 1283, 40])
+@pytest.mark.parametrize("k", [1, 2, 10])
+def test_row_topk_equals_torch_topk_with_masked_entries_and_a_short_last_block(vocab, k):
+    scores = torch.randn(9, vocab, generator=torch.Generator().manual_seed(vocab + k)).log_softmax(-1)
+    scores[:, :2] = -math.inf
+    scores[2] = -math.inf
+    scores[2, vocab - 1] = 0.0  # the best entry is in the short last block
+    scores[3, 5:] = -math.inf  # fewer finite entries than k
+    values, indices = row_topk(scores, k)
+    assert torch.equal(values, scores.topk(min(k, vocab), dim=-1).values)
+    assert torch.equal(scores.gather(1, indices), values) and bool((indices < vocab).all())
+    for row, finite in zip(indices, values > -math.inf):
+        assert len(set(row[finite].tolist())) == int(finite.sum())  # finite entries found once each
 
 
 def test_an_over_long_line_is_translated_in_parts_and_no_word_is_lost(toy_run):
