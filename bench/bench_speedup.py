@@ -2,7 +2,7 @@
 turns (A, B, A, B, ...), so a machine that slows down for minutes slows every model alike; each model's figure is
 the median of its runs, and each ratio is against the first model. For distillation: the teacher's beam 5 first,
 then the student's greedy search. A third field picks the precision: fp32 (default), bf16, or bf16-unpacked (bf16
-with the output layer's plain product instead of oneDNN's prepacked weight: what the packing gains).
+with the decoder step's plain products instead of oneDNN's prepacked weights: what the packing gains).
 
   python bench/bench_speedup.py --input test.src --decode RUN_DIR:BEAM[:PRECISION] [--decode ...] [--repeats 3]
 """
@@ -35,8 +35,10 @@ def parse_decode(text: str) -> tuple[str, int, str]:
 
 def open_decoder(model: str, precision: str):
     translator = open_translator(model, "torch", "cpu", precision.removesuffix("-unpacked"))
-    if precision == "bf16-unpacked":
-        vars(translator.decoder.model.decoder).pop("logits", None)  # back to the class's plain product
+    if precision == "bf16-unpacked":  # back to the classes' plain products
+        for module in translator.decoder.model.decoder.modules():
+            for name in ("logits", "forward", "project", "recurrent"):
+                vars(module).pop(name, None)
     return translator
 
 

@@ -3,7 +3,8 @@ and SentencePiece model, one thread and one core each, both at once for the same
 decode the test books at once (beam 5 and greedy, batch 32, one thread each) and are scored with sacrebleu.
 
     python bench/peer_side_by_side.py --corpus runs/corpus --work runs/peer --seconds 2700 [--set key=value ...]
-    python bench/peer_side_by_side.py --corpus runs/corpus --work runs/peer --decode-only --precision bf16
+    python bench/peer_side_by_side.py --corpus runs/corpus --work runs/peer --decode-only --precision bf16 \
+        [--our-core 1]
 
 --corpus: a prepared corpus folder ({train,dev,test}.{es,en}, e.g. `nmt prepare bible`). WORK gets the joint
 16k SentencePiece model (vocab/), the peer's prepared data and run (onmt/), our run (ours/) and summary.json.
@@ -57,14 +58,18 @@ def our_training_stats(run_dir: Path, budget: float) -> dict:
                      "bleu": round(r["valid_bleu"], 2)} for r in rows if "valid_loss" in r]}
 
 
-def decode_ours(work: Path, checkpoint: Path, source: Path, reference: Path, log: Path, precision: str) -> dict:
-    """Beam 5 then greedy, batch 32, one thread, each whole command timed (as opennmt.sh times the peer's)."""
+def decode_ours(work: Path, checkpoint: Path, source: Path, reference: Path, log: Path, precision: str,
+                core: int, before: dict | None = None) -> dict:
+    """Beam 5 then greedy, batch 32, one thread, each whole command timed (as opennmt.sh times the peer's);
+    `before[mode]()`, where given, is waited for before that mode starts."""
     results = {}
     for mode, beam in (("beam5", "5"), ("greedy", "1")):
+        if before and mode in before:
+            before[mode]()
         hyp = work / "hyps" / f"ours.{mode}.en"
         hyp.parent.mkdir(exist_ok=True)
         began = time.perf_counter()
-        subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "nmt.cli", "translate", "--model", str(checkpoint),
+        subprocess.run(["taskset", "-c", str(core), sys.executable, "-m", "nmt.cli", "translate", "--model", str(checkpoint),
                         "--input", str(source), "--output", str(hyp), "--beam-size", beam, "--length-penalty", "1.0",
                         "--batch-size", "32", "--precision", precision], check=True, env={**os.environ, **THREADS},
                        stdout=open(log, "a"), stderr=subprocess.STDOUT)
@@ -78,12 +83,21 @@ def decode_ours(work: Path, checkpoint: Path, source: Path, reference: Path, log
     return results
 
 
-def decode_both(work: Path, opennmt: list[str], venv: str, precision: str) -> tuple[dict, dict]:
-    """The peer's decodes (on core 1) and ours (on core 0) at once: the peer's scores.json and our figures."""
-    data = work / "onmt" / "data"
-    peer_decode = run(opennmt + ["decode", venv, str(work / "onmt")], work / "onmt-decode.log", 1)
+def decode_both(work: Path, opennmt: list[str], venv: str, precision: str, our_core: int) -> tuple[dict, dict]:
+    """The peer's decodes (on the other core) and ours (on `our_core`) at once: the peer's scores.json and our
+    figures."""
+    data, times = work / "onmt" / "data", work / "onmt" / "logs" / "decode_times.tsv"
+    times.unlink(missing_ok=True)
+    peer_decode = run(opennmt + ["decode", venv, str(work / "onmt")], work / "onmt-decode.log", 1 - our_core)
+
+    def peer_beam_done() -> None:
+        """Our greedy decode starts when the peer's does (opennmt.sh decodes beam 5, then greedy), so that
+        each mode of ours runs beside the same mode of the peer's."""
+        while peer_decode.poll() is None and not (times.is_file() and "\nbeam5\t" in times.read_text()):
+            time.sleep(0.2)
+
     our_decodes = decode_ours(work, work / "ours" / "checkpoints" / "last.pt", data / "test.es", data / "test.en",
-                              work / "ours-decode.log", precision)
+                              work / "ours-decode.log", precision, our_core, {"greedy": peer_beam_done})
     wait_all(peer_decode)
     return json.loads((work / "onmt" / "logs" / "scores.json").read_text()), our_decodes
 
@@ -106,6 +120,9 @@ def main() -> None:
                         help="our decoding precision (bf16: matrix products on AMX or AVX512-BF16)")
     parser.add_argument("--decode-only", action="store_true",
                         help="decode again with the models WORK holds (both at once), into summary-decode-PRECISION.json")
+    parser.add_argument("--our-core", type=int, choices=(0, 1), default=0,
+                        help="the core our commands run on; the peer's run on the other (the two cores of a "
+                             "shared machine can differ in speed at a given moment: run both ways)")
     args = parser.parse_args()
 
     work, corpus, peers = Path(args.work).resolve(), Path(args.corpus).resolve(), Path(args.peers).resolve()
@@ -123,8 +140,9 @@ def main() -> None:
     if not (work / "onmt" / "opennmt.yaml").is_file():
         subprocess.run(opennmt + ["prepare", args.venv, str(corpus), str(spm), str(work / "onmt")], check=True)
     if args.decode_only:
-        peer_scores, our_decodes = decode_both(work, opennmt, args.venv, args.precision)
+        peer_scores, our_decodes = decode_both(work, opennmt, args.venv, args.precision, args.our_core)
         summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_model(), "precision": args.precision,
+                   "cores": {"ours": args.our_core, "opennmt": 1 - args.our_core},
                    "ours": our_decodes, "opennmt": peer_scores,
                    "sentences_per_s_ratio": {
                        mode: round(our_decodes[mode]["sentences_per_s"] / peer_scores[mode]["sent_s"], 2)
@@ -140,12 +158,13 @@ def main() -> None:
 
     began = time.strftime("%Y-%m-%d %H:%M:%S")
     ours = run(["timeout", "--signal=INT", "--kill-after=180", str(args.seconds), sys.executable, "-m", "nmt.cli",
-                "train", str(work / "ours.yaml"), "--set", "train.progress=false", *sets], work / "ours-train.log", 0,
-               cwd=work)
-    peer = run(opennmt + ["train", args.venv, str(work / "onmt"), str(args.seconds)], work / "onmt-train.log", 1)
+                "train", str(work / "ours.yaml"), "--set", "train.progress=false", *sets], work / "ours-train.log",
+               args.our_core, cwd=work)
+    peer = run(opennmt + ["train", args.venv, str(work / "onmt"), str(args.seconds)], work / "onmt-train.log",
+               1 - args.our_core)
     wait_all(ours, peer)
 
-    peer_scores, our_decodes = decode_both(work, opennmt, args.venv, args.precision)
+    peer_scores, our_decodes = decode_both(work, opennmt, args.venv, args.precision, args.our_core)
     peer_train = json.loads((work / "onmt" / "logs" / "train_stats.json").read_text())
     summary = {"date": began, "cpu": cpu_model(), "budget_s": args.seconds,
                "ours": {"config": args.config, "set": args.set, **our_training_stats(work / "ours", args.seconds),

@@ -34,6 +34,10 @@ class Cell(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.input_weight, self.input_bias)
 
+    def recurrent(self, h: torch.Tensor) -> torch.Tensor:
+        """W_hh · h + b_hh [N, G·H] (plain cells)."""
+        return F.linear(h, self.weight_hh, self.bias_hh)
+
     def step(self, projected: torch.Tensor, state: State) -> State:
         raise NotImplementedError
 
@@ -55,7 +59,7 @@ class GRUCell(Cell):
         _uniform(self, hidden_size)
 
     def step(self, projected: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return gru_gates(projected, F.linear(h, self.weight_hh, self.bias_hh), h)[0]
+        return gru_gates(projected, self.recurrent(h), h)[0]
 
 
 class LSTMCell(Cell):
@@ -72,7 +76,7 @@ class LSTMCell(Cell):
 
     def step(self, projected: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state
-        h, c, _ = lstm_gates(projected + F.linear(h, self.weight_hh, self.bias_hh), c)
+        h, c, _ = lstm_gates(projected + self.recurrent(h), c)
         return h, c
 
 

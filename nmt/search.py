@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
-from torch import nn
 
 from nmt.errors import NMTError
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID

@@ -17,6 +17,7 @@ import torch
 
 from nmt.config import DecodeConfig
 from nmt.errors import NMTError
+from nmt.rnn import GRUCell, LSTMCell
 from nmt.search import DecoderStep, State
 from nmt.translate import Translator
 from nmt.vocab import Vocab
@@ -35,9 +36,25 @@ class BFloat16Step:
     def __init__(self, model: DecoderStep, device: str) -> None:
         self.model, self.device_type = copy.deepcopy(model).to(torch.bfloat16), torch.device(device).type
         if self.device_type == "cpu":
-            packed = packed_linear(*self.model.decoder.output_layer())
-            if packed is not None:
-                self.model.decoder.logits = packed  # the widest product; eval mode: no dropout to skip
+            self._pack_decoder_products()
+
+    def _pack_decoder_products(self) -> None:
+        """The decoder step's products with prepacked weights (eval mode: no dropout to skip), where oneDNN
+        runs them: the output layer, the cells' input and recurrent projections, the attention's query and the
+        attentional layer."""
+        decoder = self.model.decoder
+        products = [(decoder, "logits", decoder.output_layer()),
+                    (decoder.attention.query_layer, "forward", (decoder.attention.query_layer.weight, None)),
+                    (decoder.att_layer, "forward", (decoder.att_layer.weight, decoder.att_layer.bias))]
+        for cell in decoder.cells:
+            if isinstance(cell, (GRUCell, LSTMCell)):
+                products += [(cell, "project", (cell.weight_ih, cell.bias_ih)),
+                             (cell, "recurrent", (cell.weight_hh, cell.bias_hh))]
+        for owner, name, (weight, bias) in products:
+            packed = packed_linear(weight, bias)
+            if packed is None:
+                return
+            setattr(owner, name, packed)
 
     def parameter_count(self) -> int:
         return self.model.parameter_count()
@@ -56,7 +73,7 @@ class BFloat16Step:
         return log_probs.float(), state
 
 
-def packed_linear(weight: torch.Tensor, bias: torch.Tensor):
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None):
     """x [N, in] → x @ weight.T + bias [N, out] by oneDNN with the bf16 weight reordered once into its blocked
     layout (a plain product re-blocks the weight on every call: about 30% of the output layer's time at decoding's
     batch sizes; bench/bench_speedup.py measures it: PRECISION bf16-unpacked); None where this torch has no such
@@ -66,12 +83,15 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor):
         return None
     try:
         blocked = mkldnn._reorder_linear_weight(weight.detach(), None)
-        bias = bias.detach()
-        product = (lambda x: mkldnn._linear_pointwise(x.to(torch.bfloat16), blocked, bias, "none", [], ""))
-        product(torch.zeros(1, weight.size(1), dtype=torch.bfloat16))
+        bias = bias.detach() if bias is not None else None
+
+        def packed_product(x: torch.Tensor) -> torch.Tensor:
+            return mkldnn._linear_pointwise(x.to(torch.bfloat16), blocked, bias, "none", [], "")
+
+        packed_product(torch.zeros(1, weight.size(1), dtype=torch.bfloat16))
     except RuntimeError:  # a CPU oneDNN cannot run bf16 on
         return None
-    return product
+    return packed_product
 
 
 def decode_config(info: dict) -> DecodeConfig:

@@ -187,11 +187,12 @@ def test_translate_under_torchrun_gives_one_process_s_output_line_for_line(toy_r
     assert to_stdout.stdout == single.stdout.decode()  # rank 0 alone prints, in input order
 
 
-def test_packed_output_layer_gives_the_plain_product():
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_packed_products_give_the_plain_product(with_bias):
     from serving.backends import packed_linear
 
     torch.manual_seed(0)
-    weight, bias = torch.randn(300, 64).bfloat16(), torch.randn(300).bfloat16()
+    weight, bias = torch.randn(300, 64).bfloat16(), torch.randn(300).bfloat16() if with_bias else None
     product = packed_linear(weight, bias)
     if product is None:
         pytest.skip("this torch has no oneDNN bf16 linear")
@@ -199,6 +200,18 @@ def test_packed_output_layer_gives_the_plain_product():
         x = torch.randn(rows, 64)
         plain = torch.nn.functional.linear(x.bfloat16(), weight, bias).float()
         assert torch.allclose(product(x).float(), plain, rtol=2e-2, atol=0.1)
+
+
+def test_bf16_step_packs_every_product_of_the_decoder_step(toy_run):
+    from nmt.checkpoint import load_model
+    from serving.backends import BFloat16Step, packed_linear
+
+    if packed_linear(torch.zeros(4, 4).bfloat16(), None) is None:
+        pytest.skip("this torch has no oneDNN bf16 linear")
+    decoder = BFloat16Step(load_model(toy_run)[0], "cpu").model.decoder
+    packed = [decoder.logits, decoder.attention.query_layer.forward, decoder.att_layer.forward]
+    packed += [f for cell in decoder.cells for f in (cell.project, cell.recurrent)]
+    assert all(getattr(f, "__name__", "") == "packed_product" for f in packed)
 
 
 def test_bf16_precision_keeps_float32_states_and_translates_as_float32_does(toy_run, toy_corpus):
