@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from nmt.allocator import keep_freed_memory
 from nmt.bptt import Packing
 from nmt.checkpoint import load_model
 from nmt.config import load_config
@@ -83,6 +84,7 @@ def operator_table(run, rows: int = 12) -> dict:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the nmt command does (NMT_MALLOC=system: glibc's defaults)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "bench" / "peer.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
