@@ -69,8 +69,8 @@ def decode_ours(work: Path, checkpoint: Path, source: Path, reference: Path, log
         hyp = work / "hyps" / f"ours.{mode}.en"
         hyp.parent.mkdir(exist_ok=True)
         began = time.perf_counter()
-        subprocess.run(["taskset", "-c", str(core), sys.executable, "-m", "nmt.cli", "translate", "--model", str(checkpoint),
-                        "--input", str(source), "--output", str(hyp), "--beam-size", beam, "--length-penalty", "1.0",
+        subprocess.run(["taskset", "-c", str(core), sys.executable, "-m", "nmt.cli", "translate",
+                        "--model", str(checkpoint), "--input", str(source), "--output", str(hyp), "--beam-size", beam, "--length-penalty", "1.0",
                         "--batch-size", "32", "--precision", precision], check=True, env={**os.environ, **THREADS},
                        stdout=open(log, "a"), stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - began

@@ -405,7 +405,8 @@ class _Beams:
         rows = (live.unsqueeze(1) * self.k + origin).view(-1)  # [B'·K]
         self.prev = token.view(-1)
         self.history = self.history.index_select(0, rows)
-        self.history[torch.arange(rows.size(0), device=rows.device), self.position.repeat_interleave(self.k)] = self.prev
+        at = self.position.repeat_interleave(self.k)  # [B'·K]: where each row's token goes
+        self.history[torch.arange(rows.size(0), device=rows.device), at] = self.prev
         self.scores = scores
         self.state = self.state.select(rows)
 
