@@ -30,8 +30,8 @@ TORCH_PRECISIONS = ("fp32", "bf16")
 class BFloat16Step:
     """The torch model as a DecoderStep in bf16 (AMX on recent Xeons, tensor cores on GPUs): a bf16 copy of its
     weights, made once (under autocast alone, casting the weights at every step costs as much as the products at
-    decoding's batch sizes), matrix products under torch.autocast, the recurrent states and the log-probabilities
-    in float32."""
+    decoding's batch sizes), matrix products under torch.autocast (on CPU the decoder step's with prepacked
+    weights, and the attention keys in float32), the recurrent states and the log-probabilities in float32."""
 
     def __init__(self, model: DecoderStep, device: str) -> None:
         self.model, self.device_type = copy.deepcopy(model).to(torch.bfloat16), torch.device(device).type
