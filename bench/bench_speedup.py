@@ -1,8 +1,8 @@
 """bench_speedup.py — decoding speed of several models side by side: their decodes of the same sentences take
 turns (A, B, A, B, ...), so a machine that slows down for minutes slows every model alike; each model's figure is
 the median of its runs, and each ratio is against the first model. For distillation: the teacher's beam 5 first,
-then the student's greedy search. A third field picks the precision: fp32 (default), bf16, or bf16-unpacked (bf16
-with the decoder step's plain products instead of oneDNN's prepacked weights: what the packing gains).
+then the student's greedy search. A third field picks the precision: fp32 (default), bf16, fp32-unpacked or
+bf16-unpacked (the decoder step's plain products instead of oneDNN's prepacked weights: what the packing gains).
 
   python bench/bench_speedup.py --input test.src --decode RUN_DIR:BEAM[:PRECISION] [--decode ...] [--repeats 3]
 """
@@ -21,7 +21,7 @@ from nmt.errors import NMTError
 from recipes.run import timed_translation
 
 
-PRECISIONS = ("fp32", "bf16", "bf16-unpacked")
+PRECISIONS = ("fp32", "bf16", "fp32-unpacked", "bf16-unpacked")
 
 
 def parse_decode(text: str) -> tuple[str, int, str]:
@@ -35,8 +35,9 @@ def parse_decode(text: str) -> tuple[str, int, str]:
 
 def open_decoder(model: str, precision: str):
     translator = open_translator(model, "torch", "cpu", precision.removesuffix("-unpacked"))
-    if precision == "bf16-unpacked":  # back to the classes' plain products
-        for module in translator.decoder.model.decoder.modules():
+    if precision.endswith("-unpacked"):  # back to the classes' plain products
+        net = translator.decoder
+        for module in getattr(net, "model", net).decoder.modules():
             for name in ("logits", "forward", "project", "recurrent"):
                 vars(module).pop(name, None)
     return translator

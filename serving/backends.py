@@ -36,25 +36,7 @@ class BFloat16Step:
     def __init__(self, model: DecoderStep, device: str) -> None:
         self.model, self.device_type = copy.deepcopy(model).to(torch.bfloat16), torch.device(device).type
         if self.device_type == "cpu":
-            self._pack_decoder_products()
-
-    def _pack_decoder_products(self) -> None:
-        """The decoder step's products with prepacked weights (eval mode: no dropout to skip), where oneDNN
-        runs them: the output layer, the cells' input and recurrent projections, the attention's query and the
-        attentional layer."""
-        decoder = self.model.decoder
-        products = [(decoder, "logits", decoder.output_layer()),
-                    (decoder.attention.query_layer, "forward", (decoder.attention.query_layer.weight, None)),
-                    (decoder.att_layer, "forward", (decoder.att_layer.weight, decoder.att_layer.bias))]
-        for cell in decoder.cells:
-            if isinstance(cell, (GRUCell, LSTMCell)):
-                products += [(cell, "project", (cell.weight_ih, cell.bias_ih)),
-                             (cell, "recurrent", (cell.weight_hh, cell.bias_hh))]
-        for owner, name, (weight, bias) in products:
-            packed = packed_linear(weight, bias)
-            if packed is None:
-                return
-            setattr(owner, name, packed)
+            pack_decoder_products(self.model)
 
     def parameter_count(self) -> int:
         return self.model.parameter_count()
@@ -73,11 +55,31 @@ class BFloat16Step:
         return log_probs.float(), state
 
 
+def pack_decoder_products(model: torch.nn.Module) -> None:
+    """The decoder step's products of a model that only decodes from now on (its weights are copied into
+    oneDNN's layout once: never one under training), where oneDNN runs them on CPU in the weights' dtype: the
+    output layer, the cells' input and recurrent projections, the attention's query and the attentional layer
+    (eval mode: no dropout to skip)."""
+    decoder = model.decoder
+    products = [(decoder, "logits", decoder.output_layer()),
+                (decoder.attention.query_layer, "forward", (decoder.attention.query_layer.weight, None)),
+                (decoder.att_layer, "forward", (decoder.att_layer.weight, decoder.att_layer.bias))]
+    for cell in decoder.cells:
+        if isinstance(cell, (GRUCell, LSTMCell)):
+            products += [(cell, "project", (cell.weight_ih, cell.bias_ih)),
+                         (cell, "recurrent", (cell.weight_hh, cell.bias_hh))]
+    for owner, name, (weight, bias) in products:
+        packed = packed_linear(weight, bias)
+        if packed is None:
+            return
+        setattr(owner, name, packed)
+
+
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None):
-    """x [N, in] → x @ weight.T + bias [N, out] by oneDNN with the bf16 weight reordered once into its blocked
-    layout (a plain product re-blocks the weight on every call: about 30% of the output layer's time at decoding's
-    batch sizes; bench/bench_speedup.py measures it: PRECISION bf16-unpacked); None where this torch has no such
-    kernel."""
+    """x [N, in] → x @ weight.T + bias [N, out] by oneDNN with the weight reordered once into its blocked layout,
+    in the weight's dtype (a plain product re-blocks the weight on every call; at decoding's batch sizes of 32 rows
+    the packed output layer takes 0.74x the time in fp32 and about 0.7x in bf16; bench/bench_speedup.py measures
+    it: PRECISION fp32-unpacked / bf16-unpacked); None where this torch has no such kernel."""
     mkldnn = torch.ops.mkldnn
     if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")):
         return None
@@ -86,10 +88,10 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None):
         bias = bias.detach() if bias is not None else None
 
         def packed_product(x: torch.Tensor) -> torch.Tensor:
-            return mkldnn._linear_pointwise(x.to(torch.bfloat16), blocked, bias, "none", [], "")
+            return mkldnn._linear_pointwise(x.to(weight.dtype), blocked, bias, "none", [], "")
 
-        packed_product(torch.zeros(1, weight.size(1), dtype=torch.bfloat16))
-    except RuntimeError:  # a CPU oneDNN cannot run bf16 on
+        packed_product(torch.zeros(1, weight.size(1), dtype=weight.dtype))
+    except RuntimeError:  # a CPU oneDNN cannot run this dtype on
         return None
     return packed_product
 
@@ -146,7 +148,11 @@ def open_model(model: str, backend: str = "torch", device: str = "cpu",
             raise NMTError(f"precision {chosen!r}: the torch backend runs {' or '.join(TORCH_PRECISIONS)}")
         device = parallel.device_for(device, parallel.ranks().local_rank, "--device", "use --device cpu")
         net, vocab, config = load_model(model, device)
-        return (BFloat16Step(net, device) if chosen == "bf16" else net), vocab, config.decode
+        if chosen == "bf16":
+            return BFloat16Step(net, device), vocab, config.decode
+        if torch.device(device).type == "cpu":
+            pack_decoder_products(net)
+        return net, vocab, config.decode
     return open_backend(model, backend, device, precision)
 
 

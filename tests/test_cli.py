@@ -202,6 +202,24 @@ def test_packed_products_give_the_plain_product(with_bias):
         assert torch.allclose(product(x).float(), plain, rtol=2e-2, atol=0.1)
 
 
+def test_fp32_decoding_on_cpu_packs_the_products_and_translates_as_the_plain_model(toy_run, toy_corpus):
+    from nmt.checkpoint import load_model
+    from nmt.translate import Translator
+    from serving.backends import open_translator, packed_linear
+
+    if packed_linear(torch.zeros(4, 4), None) is None:
+        pytest.skip("this torch has no oneDNN linear")
+    lines = (toy_corpus / "test.src").read_text().splitlines()[:40]
+    packed = open_translator(str(toy_run))
+    assert getattr(packed.decoder.decoder.logits, "__name__", "") == "packed_product"
+    model, vocab, config = load_model(toy_run)
+    for beam in (1, 4):
+        ours = packed.translate(lines, beam_size=beam)
+        plain = Translator(model, vocab, config.decode).translate(lines, beam_size=beam)
+        assert [t[0].text for t in ours] == [t[0].text for t in plain]
+        assert [t[0].score for t in ours] == pytest.approx([t[0].score for t in plain], abs=1e-3)
+
+
 def test_bf16_step_packs_every_product_of_the_decoder_step(toy_run):
     from nmt.checkpoint import load_model
     from serving.backends import BFloat16Step, packed_linear
