@@ -174,12 +174,19 @@ def student(run: RecipeRun) -> dict[str, Any]:
     return {**run.train("student", student_trainer), "distilled": True}
 
 
-@stage("evaluate_student", needs=("prepare", "student"), inputs=lambda run: run.evaluation_inputs("student"),
-       outputs=lambda run: [run.dir / "eval" / "student.json"] if run.status("student") == "done" else [])
-def evaluate_student(run: RecipeRun) -> dict[str, Any]:
-    if run.status("student") != "done":
-        raise Skip("no student was trained")
-    return run.evaluate("student", (EVAL_BEAM, 1))
+def _evaluation_of(role: str, what: str) -> None:
+    """Register `evaluate_<role>` for a model that may not have been trained (`what` names it in the skip): beam
+    and greedy search on the test split, skipped when its training stage did not run."""
+
+    @stage(f"evaluate_{role}", needs=("prepare", role), inputs=lambda run: run.evaluation_inputs(role),
+           outputs=lambda run: [run.dir / "eval" / f"{role}.json"] if run.status(role) == "done" else [])
+    def evaluate(run: RecipeRun) -> dict[str, Any]:
+        if run.status(role) != "done":
+            raise Skip(f"no {what} was trained")
+        return run.evaluate(role, (EVAL_BEAM, 1))
+
+
+_evaluation_of("student", "student")
 
 
 @stage("baseline", needs=("prepare", "vocab"), inputs=lambda run: run.training_inputs("baseline"),
@@ -191,12 +198,7 @@ def baseline(run: RecipeRun) -> dict[str, Any]:
     return run.train("baseline")
 
 
-@stage("evaluate_baseline", needs=("prepare", "baseline"), inputs=lambda run: run.evaluation_inputs("baseline"),
-       outputs=lambda run: [run.dir / "eval" / "baseline.json"] if run.status("baseline") == "done" else [])
-def evaluate_baseline(run: RecipeRun) -> dict[str, Any]:
-    if run.status("baseline") != "done":
-        raise Skip("no baseline student was trained")
-    return run.evaluate("baseline", (EVAL_BEAM, 1))
+_evaluation_of("baseline", "baseline student")
 
 
 @stage("export", needs=("teacher", "student"), inputs=lambda run: dataclasses.asdict(run.recipe.export),
