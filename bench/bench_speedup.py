@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from serving.backends import open_translator
+from serving.backends import open_translator, unpack_decoder_products
 from nmt.allocator import keep_freed_memory
 from nmt.data import read_lines
 from nmt.errors import NMTError
@@ -35,11 +35,8 @@ def parse_decode(text: str) -> tuple[str, int, str]:
 
 def open_decoder(model: str, precision: str):
     translator = open_translator(model, "torch", "cpu", precision.removesuffix("-unpacked"))
-    if precision.endswith("-unpacked"):  # back to the classes' plain products
-        net = translator.decoder
-        for module in getattr(net, "model", net).decoder.modules():
-            for name in ("logits", "forward", "project", "recurrent"):
-                vars(module).pop(name, None)
+    if precision.endswith("-unpacked"):
+        unpack_decoder_products(getattr(translator.decoder, "model", translator.decoder))  # BFloat16Step or model
     return translator
 
 

@@ -75,6 +75,13 @@ def pack_decoder_products(model: torch.nn.Module) -> None:
         setattr(owner, name, packed)
 
 
+def unpack_decoder_products(model: torch.nn.Module) -> None:
+    """Undo `pack_decoder_products`: the classes' plain products again (bench/bench_speedup.py's -unpacked)."""
+    for module in model.decoder.modules():
+        for name in ("logits", "forward", "project", "recurrent"):  # the methods pack_decoder_products replaces
+            vars(module).pop(name, None)
+
+
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None):
     """x [N, in] → x @ weight.T + bias [N, out] by oneDNN with the weight reordered once into its blocked layout,
     in the weight's dtype (a plain product re-blocks the weight on every call; at decoding's batch sizes of 32 rows
