@@ -91,7 +91,7 @@ class ModelConfig:
     share_embeddings: bool = False  # the encoder's and the decoder's embeddings are one matrix (a joint vocabulary);
     #                                 with tie_embeddings, three-way tying
     rnn_type: Literal["gru", "lstm"] = "gru"
-    layer_norm: bool = False
+    layer_norm: bool = False  # layer-normalized cells (Nematus): trained by the same hand-written loops, exportable
     # Measured beside OpenNMT-py (bench/peer_side_by_side.py, README): a tanh on the attentional layer kept the
     # model on the unigram plateau (dev perplexity 515 after 100 updates; 311 without it, 283 with all four).
     rnn_init: Literal["xavier", "uniform"] = "uniform"  # recurrent weights and biases U(±1/√H), or per-gate Xavier

@@ -5,8 +5,8 @@ layers, attends with the top layer's state, and mixes state and context into the
 which `logits` predicts the next token (optionally through the tied target embeddings). The token's share of
 the first layer's input projection (`token_gates`) does not depend on the recurrence: teacher forcing computes
 it for all target positions in one matmul before the loop, then runs the loop with hand-written backpropagation
-through time (nmt.bptt) for plain cells, or `step` under autograd for layer-normalized ones. Search calls `step`
-with the whole projection made in one product (`input_projection`).
+through time (nmt.bptt), plain or layer-normalized cells alike. Search calls `step` with the whole projection made
+in one product (`input_projection`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from nmt.attention import BahdanauAttention
 from nmt.bptt import Packing
 from nmt.config import ModelConfig
 from nmt.embedding import SharedEmbedding, TokenEmbedding
-from nmt.rnn import GRUCell, LSTMCell, State, hidden_of, make_cell
+from nmt.rnn import LSTMCell, State, hidden_of, make_cell
 
 
 class Decoder(nn.Module):
@@ -94,32 +94,18 @@ class Decoder(nn.Module):
         vector is zero; with feed_dropout the next step is fed the same dropped-out vector."""
         token_weight, feed_weight = self.first_input_weights()
         gates = self.token_gates(packing.pack(tgt_in), token_weight)  # [R, G·H]: one matmul for all positions
-        if all(isinstance(cell, (GRUCell, LSTMCell)) for cell in self.cells):
-            lstm = isinstance(self.cells[0], LSTMCell)
-            order = packing.order
-            hidden = torch.stack([hidden_of(s) for s in states]).index_select(1, order)  # [L, B, H], sorted rows
-            cell = torch.stack([s[1] for s in states]).index_select(1, order) if lstm else None
-            weights = [(feed_weight if layer == 0 else c.input_weight, c.weight_hh, c.bias_hh,
-                        None if layer == 0 else c.input_bias) for layer, c in enumerate(self.cells)]
-            p = self.dropout.p if self.training else 0.0
-            plan = packing.plan(lstm, len(self.cells), p, self.attentional_tanh, p if self.feed_dropout else 0.0)
-            outputs = bptt.teacher_forced(plan, gates, hidden, cell, keys.index_select(0, order),
-                                          memory.index_select(0, order), src_mask.index_select(0, order),
-                                          self.attention.query_layer.weight, self.attention.energy_layer.weight,
-                                          self.att_layer.weight, self.att_layer.bias, weights)
-            return outputs if self.feed_dropout else self.dropout(outputs)
-        # layer-normalized cells: the step under autograd, on the whole batch
-        steps = tgt_in.size(1)
-        gates = packing.unpack(gates, steps)  # [B, T, G·H]
-        att_vec = memory.new_zeros(tgt_in.size(0), self.att_size)
-        att_vecs = []
-        for t in range(steps):
-            projected = gates[:, t] + F.linear(att_vec, feed_weight)
-            att_vec, states, _ = self.step(projected, states, keys, memory, src_mask)
-            if self.feed_dropout:
-                att_vec = self.dropout(att_vec)
-            att_vecs.append(att_vec)
-        outputs = packing.pack(torch.stack(att_vecs, dim=1))  # [R, A']
+        lstm = isinstance(self.cells[0], LSTMCell)
+        order = packing.order
+        hidden = torch.stack([hidden_of(s) for s in states]).index_select(1, order)  # [L, B, H], sorted rows
+        cell = torch.stack([s[1] for s in states]).index_select(1, order) if lstm else None
+        weights = [bptt.LayerWeights.of(c, feed_weight, None) if layer == 0 else
+                   bptt.LayerWeights.of(c, c.input_weight, c.input_bias) for layer, c in enumerate(self.cells)]
+        p = self.dropout.p if self.training else 0.0
+        plan = packing.plan(lstm, len(self.cells), p, self.attentional_tanh, p if self.feed_dropout else 0.0)
+        outputs = bptt.teacher_forced(plan, gates, hidden, cell, keys.index_select(0, order),
+                                      memory.index_select(0, order), src_mask.index_select(0, order),
+                                      self.attention.query_layer.weight, self.attention.energy_layer.weight,
+                                      self.att_layer.weight, self.att_layer.bias, weights)
         return outputs if self.feed_dropout else self.dropout(outputs)
 
     def logits(self, att_vec: torch.Tensor) -> torch.Tensor:

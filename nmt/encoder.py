@@ -5,11 +5,14 @@ The backward RNN reads each sentence reversed within its own length, so padding 
 direction. The default path packs the positions (nmt.bptt.Packing: no work on padding), projects every layer's
 inputs in one matmul and runs the recurrence with hand-written backpropagation through time (nmt.bptt);
 `packed=False` runs torch's GRU / LSTM modules, which hold the weights, on the padded tensors (the form ONNX
-export traces); both give the same result. With layer normalization the layers are unrolled cell by cell
-under autograd (fused RNNs have no layer norm).
+export traces); both give the same result. Layer-normalized layers are cells (fused RNNs have no layer norm):
+packed, the same hand-written loop; padded, `scan_layer_norm_gru` / `_lstm`, scripted when traced so that the
+exported graph loops over any source length.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -18,7 +21,7 @@ from torch.nn import functional as F
 from nmt import bptt
 from nmt.config import ModelConfig
 from nmt.embedding import TokenEmbedding
-from nmt.rnn import make_cell, reverse_padded, run_cell
+from nmt.rnn import Cell, gate_norm, make_cell, reverse_padded, scan_layer_norm_gru, scan_layer_norm_lstm
 
 
 class Encoder(nn.Module):
@@ -26,9 +29,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.embed = TokenEmbedding(vocab_size, config.embed_dim, pad_id, config.dropout, config.source_word_dropout)
         self.dropout = nn.Dropout(config.dropout)
-        self.layer_norm = config.layer_norm
+        self.lstm = config.rnn_type == "lstm"
         self.output_size = 2 * config.encoder_hidden
-        rnn_class = nn.LSTM if config.rnn_type == "lstm" else nn.GRU
+        rnn_class = nn.LSTM if self.lstm else nn.GRU
 
         def direction(input_size: int) -> nn.Module:
             if config.layer_norm:
@@ -43,7 +46,7 @@ class Encoder(nn.Module):
                 packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """src [B, S], src_lengths [B], src_mask [B, S] → memory [B, S, 2H] (zero at padding), final [B, 2H]."""
         x = self.embed(src)  # [B, S, E]
-        if packed and not self.layer_norm:
+        if packed:
             return self._packed(x, src_lengths)
         for depth, (forward_rnn, backward_rnn) in enumerate(self.layers):
             if depth:
@@ -58,7 +61,7 @@ class Encoder(nn.Module):
         batch, steps = x.shape[:2]
         packing = bptt.Packing(src_lengths)
         mirror, last = packing.reversed_positions(), packing.last_positions()  # [R], [B]
-        plan = packing.plan(lstm=isinstance(self.layers[0][0], nn.LSTM))
+        plan = packing.plan(lstm=self.lstm)
         x = packing.pack(x)  # [R, E]
         for depth, (forward_rnn, backward_rnn) in enumerate(self.layers):
             if depth:
@@ -71,18 +74,37 @@ class Encoder(nn.Module):
 
     @staticmethod
     def _recurrence(rnn: nn.Module, plan: bptt.Plan, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """One direction over packed inputs [R, I] → hidden states [R, H] (weights of torch's GRU / LSTM)."""
+        """One direction over packed inputs [R, I] → hidden states [R, H]."""
         zeros = x.new_zeros(batch, rnn.hidden_size)
-        return bptt.recurrence(plan, F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0), zeros, zeros if plan.lstm else None,
-                               rnn.weight_hh_l0, rnn.bias_hh_l0)
+        if isinstance(rnn, Cell):  # layer-normalized: the input norm, like the projection, for all rows at once
+            ih_gain, ih_bias = rnn.norms()[:2]
+            projected = gate_norm(rnn.project(x), ih_gain, ih_bias)
+            weights = bptt.LayerWeights.of(rnn, None, None, input_norm=False)
+        else:  # torch's GRU / LSTM module
+            projected = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
+            weights = bptt.LayerWeights(None, rnn.weight_hh_l0, rnn.bias_hh_l0, None)
+        return bptt.recurrence(plan, projected, zeros, zeros if plan.lstm else None, weights)
 
     def _run(self, rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor,
              mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One direction over left-aligned padded sequences → outputs [B, S, H] (zero at padding), last state
         [B, H]."""
-        if self.layer_norm:
-            return run_cell(rnn, x, mask)
+        if isinstance(rnn, Cell):
+            ih_gain, ih_bias, hh_gain, hh_bias, cell_gain, cell_bias = rnn.norms()
+            projected = gate_norm(rnn.project(x), ih_gain, ih_bias)
+            scan = _scan(self.lstm, scripted=torch.jit.is_tracing())
+            if self.lstm:
+                return scan(projected, mask, rnn.recurrent_weight, rnn.recurrent_bias, hh_gain, hh_bias, cell_gain,
+                            cell_bias)
+            return scan(projected, mask, rnn.recurrent_weight, hh_gain, hh_bias)
         out, _ = rnn(x)
         out = out * mask.unsqueeze(-1)
         last = out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.size(-1))).squeeze(1)  # [B, H]
         return out, last
+
+
+@functools.cache
+def _scan(lstm: bool, scripted: bool):
+    """The padded layer-normalized loop; scripted (once) for tracing, so that the ONNX graph keeps the loop."""
+    scan = scan_layer_norm_lstm if lstm else scan_layer_norm_gru
+    return torch.jit.script(scan) if scripted else scan

@@ -3,13 +3,17 @@
 Every cell splits its work in two: the input projection (`input_weight` · x + `input_bias`), which the decoder
 computes for all target positions at once where the input does not depend on the recurrence, and `step`, the
 recurrence on a projected input. The plain cells have torch.nn.GRUCell / LSTMCell's parameters (names, shapes,
-gate order) and function, so checkpoints of either load in both. A "state" here is the hidden tensor for a GRU
-and the (hidden, cell) pair for an LSTM.
+gate order) and function, so checkpoints of either load in both. Layer-normalized cells normalize each gate
+block of both projections (and an LSTM's cell state before its output tanh); the gate functions here are the
+one definition that the cells, the hand-written training loops (nmt.bptt) and the exported encoder's loops
+(`scan_layer_norm_gru` / `_lstm`, TorchScript) all run. A "state" here is the hidden tensor for a GRU and the
+(hidden, cell) pair for an LSTM.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -31,12 +35,34 @@ class Cell(nn.Module):
     def input_bias(self) -> torch.Tensor | None:  # [G·H]
         return self.bias_ih
 
+    @property
+    def recurrent_weight(self) -> torch.Tensor:  # [G·H, H]
+        return self.weight_hh
+
+    @property
+    def recurrent_bias(self) -> torch.Tensor | None:  # [G·H]
+        return self.bias_hh
+
+    def norms(self) -> tuple[torch.Tensor | None, ...]:
+        """The layer norms' gains and biases: input projection [G, H] ×2, recurrent projection [G, H] ×2, LSTM
+        cell state [H] ×2; None for what the cell does not normalize."""
+        return (None,) * 6
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.input_weight, self.input_bias)
 
     def recurrent(self, h: torch.Tensor) -> torch.Tensor:
-        """W_hh · h + b_hh [N, G·H] (plain cells)."""
-        return F.linear(h, self.weight_hh, self.bias_hh)
+        """W_hh · h + b_hh [N, G·H] (before any layer norm)."""
+        return F.linear(h, self.recurrent_weight, self.recurrent_bias)
+
+    def normalized(self, projected: torch.Tensor, recurrent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both projections as the gates read them: layer-normalized per gate block where the cell has norms."""
+        ih_gain, ih_bias, hh_gain, hh_bias, _, _ = self.norms()
+        if ih_gain is not None:
+            projected = gate_norm(projected, ih_gain, ih_bias)
+        if hh_gain is not None:
+            recurrent = gate_norm(recurrent, hh_gain, hh_bias)
+        return projected, recurrent
 
     def step(self, projected: torch.Tensor, state: State) -> State:
         raise NotImplementedError
@@ -59,7 +85,7 @@ class GRUCell(Cell):
         _uniform(self, hidden_size)
 
     def step(self, projected: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return gru_gates(projected, self.recurrent(h), h)[0]
+        return gru_gates(*self.normalized(projected, self.recurrent(h)), h)[0]
 
 
 class LSTMCell(Cell):
@@ -76,8 +102,12 @@ class LSTMCell(Cell):
 
     def step(self, projected: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state
-        h, c, _ = lstm_gates(projected + self.recurrent(h), c)
+        projected, recurrent = self.normalized(projected, self.recurrent(h))
+        h, c, _ = lstm_gates(projected + recurrent, c, *self.norms()[4:])
         return h, c
+
+
+LAYER_NORM_EPS = 1e-5  # torch's default, which checkpoints of layer-normalized cells were trained with
 
 
 def gru_gates(projected: torch.Tensor, recurrent: torch.Tensor,
@@ -92,13 +122,31 @@ def gru_gates(projected: torch.Tensor, recurrent: torch.Tensor,
     return candidate + update * (h - candidate), reset, update, candidate
 
 
-def lstm_gates(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lstm_gates(gates: torch.Tensor, c: torch.Tensor, cell_gain: Optional[torch.Tensor] = None,
+               cell_bias: Optional[torch.Tensor] = None,
+               eps: float = LAYER_NORM_EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The LSTM update from all gate pre-activations [N, 4H] → new h, new c [N, H], activations i, f, g, o
-    [N, 4H], in the cell state's dtype."""
+    [N, 4H], in the cell state's dtype; with `cell_gain`, the output reads the layer-normalized cell state."""
     i, f, g, o = gates.to(c.dtype).chunk(4, dim=1)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     c = f * c + i * g
-    return o * torch.tanh(c), c, torch.cat([i, f, g, o], dim=1)
+    shown = c if cell_gain is None or cell_bias is None else normalize(c, eps) * cell_gain + cell_bias
+    return o * torch.tanh(shown), c, torch.cat([i, f, g, o], dim=1)
+
+
+def normalize(x: torch.Tensor, eps: float = LAYER_NORM_EPS) -> torch.Tensor:
+    """(x - mean) / σ over the last dimension: F.layer_norm's one kernel, but written out for export (ONNX wants a
+    constant normalized shape, which neither the traced graph nor the scripted encoder loop has)."""
+    if not torch.jit.is_scripting():
+        if not torch.jit.is_tracing():
+            return F.layer_norm(x, x.shape[-1:], None, None, eps)
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def gate_norm(x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor, eps: float = LAYER_NORM_EPS) -> torch.Tensor:
+    """Layer norm of each of the G gate blocks of x [..., G·H] on its own, gain and bias [G, H]."""
+    return (normalize(x.view(x.shape[:-1] + gain.shape), eps) * gain + bias).view(x.shape)
 
 
 def _uniform(cell: nn.Module, hidden_size: int) -> None:
@@ -109,64 +157,51 @@ def _uniform(cell: nn.Module, hidden_size: int) -> None:
 
 
 class GateLayerNorm(nn.Module):
-    """Layer norm applied separately to each of `gates` blocks of size `hidden` (one gain/bias per block)."""
+    """The gain and bias of a layer norm applied to each of `gates` blocks of size `hidden` on its own."""
 
     def __init__(self, gates: int, hidden: int) -> None:
         super().__init__()
-        self.gates, self.hidden = gates, hidden
         self.weight = nn.Parameter(torch.ones(gates, hidden))
         self.bias = nn.Parameter(torch.zeros(gates, hidden))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.view(*shape[:-1], self.gates, self.hidden)
-        x = nn.functional.layer_norm(x, (self.hidden,)) * self.weight + self.bias
-        return x.view(shape)
 
+class _LayerNormed:
+    """What both layer-normalized cells share: bias-free input projection (the norm after it has a bias) and
+    projections held as Linear modules (the parameter names of their checkpoints)."""
 
-class LayerNormCell(Cell):
-    """Input projection without bias (the layer norm that follows has one)."""
+    input_weight = property(lambda self: self.weight_ih.weight)
+    input_bias = property(lambda self: None)
+    recurrent_weight = property(lambda self: self.weight_hh.weight)
+    recurrent_bias = property(lambda self: self.weight_hh.bias)
 
-    @property
-    def input_weight(self) -> torch.Tensor:
-        return self.weight_ih.weight
-
-    @property
-    def input_bias(self) -> None:
-        return None
-
-
-class LayerNormGRUCell(LayerNormCell):
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
+    def _init_layer_normed(self, input_size: int, hidden_size: int, gates: int, recurrent_bias: bool) -> None:
+        nn.Module.__init__(self)  # not the plain cell's parameters
         self.hidden_size = hidden_size
-        self.weight_ih = nn.Linear(input_size, 3 * hidden_size, bias=False)
-        self.weight_hh = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
-        self.norm_ih, self.norm_hh = GateLayerNorm(3, hidden_size), GateLayerNorm(3, hidden_size)
-
-    def step(self, projected: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        i_r, i_z, i_n = self.norm_ih(projected).chunk(3, dim=-1)
-        h_r, h_z, h_n = self.norm_hh(self.weight_hh(h)).chunk(3, dim=-1)
-        reset, update = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-        candidate = torch.tanh(i_n + reset * h_n)
-        return (1 - update) * candidate + update * h
+        self.weight_ih = nn.Linear(input_size, gates * hidden_size, bias=False)
+        self.weight_hh = nn.Linear(hidden_size, gates * hidden_size, bias=recurrent_bias)
+        self.norm_ih, self.norm_hh = GateLayerNorm(gates, hidden_size), GateLayerNorm(gates, hidden_size)
 
 
-class LayerNormLSTMCell(LayerNormCell):
+class LayerNormGRUCell(_LayerNormed, GRUCell):
+    """A GRU whose input and recurrent projections are layer-normalized per gate."""
+
     def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.weight_ih = nn.Linear(input_size, 4 * hidden_size, bias=False)
-        self.weight_hh = nn.Linear(hidden_size, 4 * hidden_size, bias=True)
-        self.norm_ih, self.norm_hh = GateLayerNorm(4, hidden_size), GateLayerNorm(4, hidden_size)
+        self._init_layer_normed(input_size, hidden_size, 3, recurrent_bias=False)
+
+    def norms(self) -> tuple[torch.Tensor | None, ...]:
+        return self.norm_ih.weight, self.norm_ih.bias, self.norm_hh.weight, self.norm_hh.bias, None, None
+
+
+class LayerNormLSTMCell(_LayerNormed, LSTMCell):
+    """An LSTM with layer-normalized input and recurrent projections and cell state (as its output reads it)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        self._init_layer_normed(input_size, hidden_size, 4, recurrent_bias=True)
         self.norm_cell = nn.LayerNorm(hidden_size)
 
-    def step(self, projected: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        h, c = state
-        gates = self.norm_ih(projected) + self.norm_hh(self.weight_hh(h))
-        i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(self.norm_cell(c)), c
+    def norms(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.norm_ih.weight, self.norm_ih.bias, self.norm_hh.weight, self.norm_hh.bias,
+                self.norm_cell.weight, self.norm_cell.bias)
 
 
 def make_cell(rnn_type: str, input_size: int, hidden_size: int, layer_norm: bool) -> Cell:
@@ -179,19 +214,6 @@ def hidden_of(state: State) -> torch.Tensor:
     return state[0] if isinstance(state, tuple) else state
 
 
-def zero_state(cell: nn.Module, batch: int, like: torch.Tensor) -> State:
-    h = like.new_zeros(batch, cell.hidden_size)
-    return (h, h.clone()) if isinstance(cell, (LSTMCell, LayerNormLSTMCell)) else h
-
-
-def keep_where(mask: torch.Tensor, new: State, old: State) -> State:
-    """Take `new` where mask [B] is True and `old` elsewhere (padding steps leave the state unchanged)."""
-    m = mask.unsqueeze(-1)
-    if isinstance(new, tuple):
-        return tuple(torch.where(m, n, o) for n, o in zip(new, old))
-    return torch.where(m, new, old)
-
-
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Reverse each sequence of x [B, S, ...] within its own length; padding stays at the end. Self-inverse."""
     steps = x.size(1)
@@ -202,12 +224,32 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index)
 
 
-def run_cell(cell: nn.Module, inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unroll `cell` over inputs [B, S, I] with mask [B, S] (True = real token; padding leaves the state
-    unchanged); returns outputs [B, S, H] (zero at padding) and the final hidden [B, H]."""
-    state = zero_state(cell, inputs.size(0), inputs)
-    outputs = []
-    for t in range(inputs.size(1)):
-        state = keep_where(mask[:, t], cell(inputs[:, t], state), state)
-        outputs.append(hidden_of(state))
-    return torch.stack(outputs, dim=1) * mask.unsqueeze(-1), hidden_of(state)
+def scan_layer_norm_gru(projected: torch.Tensor, mask: torch.Tensor, recurrent_weight: torch.Tensor,
+                        hh_gain: torch.Tensor, hh_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer-normalized GRU over padded sequences: normalized input projections [B, S, 3H], mask [B, S] (True =
+    real; padding leaves the state unchanged) → outputs [B, S, H] (zero at padding), final hidden [B, H].
+    Written for TorchScript, without optional inputs: the exported encoder runs it as one ONNX Loop whatever the
+    source length (training runs nmt.bptt's packed loop instead)."""
+    h = projected.new_zeros(mask.size(0), recurrent_weight.size(1))
+    outputs = projected.new_zeros(mask.size(0), mask.size(1), h.size(1))
+    for t in range(mask.size(1)):
+        recurrent = gate_norm(F.linear(h, recurrent_weight), hh_gain, hh_bias)
+        h = torch.where(mask[:, t].unsqueeze(1), gru_gates(projected[:, t], recurrent, h)[0], h)
+        outputs[:, t] = h
+    return outputs * mask.unsqueeze(-1), h
+
+
+def scan_layer_norm_lstm(projected: torch.Tensor, mask: torch.Tensor, recurrent_weight: torch.Tensor,
+                         recurrent_bias: torch.Tensor, hh_gain: torch.Tensor, hh_bias: torch.Tensor,
+                         cell_gain: torch.Tensor, cell_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scan_layer_norm_gru` for a layer-normalized LSTM (inputs [B, S, 4H])."""
+    h = projected.new_zeros(mask.size(0), recurrent_weight.size(1))
+    c = torch.zeros_like(h)
+    outputs = projected.new_zeros(mask.size(0), mask.size(1), h.size(1))
+    for t in range(mask.size(1)):
+        recurrent = gate_norm(F.linear(h, recurrent_weight, recurrent_bias), hh_gain, hh_bias)
+        new_h, new_c, _ = lstm_gates(projected[:, t] + recurrent, c, cell_gain, cell_bias)
+        live = mask[:, t].unsqueeze(1)
+        h, c = torch.where(live, new_h, h), torch.where(live, new_c, c)
+        outputs[:, t] = h
+    return outputs * mask.unsqueeze(-1), h

@@ -17,7 +17,6 @@ import torch
 
 from nmt.config import DecodeConfig
 from nmt.errors import NMTError
-from nmt.rnn import GRUCell, LSTMCell
 from nmt.search import DecoderStep, State
 from nmt.translate import Translator
 from nmt.vocab import Vocab
@@ -65,9 +64,8 @@ def pack_decoder_products(model: torch.nn.Module) -> None:
                 (decoder.attention.query_layer, "forward", (decoder.attention.query_layer.weight, None)),
                 (decoder.att_layer, "forward", (decoder.att_layer.weight, decoder.att_layer.bias))]
     for cell in decoder.cells:
-        if isinstance(cell, (GRUCell, LSTMCell)):
-            products += [(cell, "project", (cell.weight_ih, cell.bias_ih)),
-                         (cell, "recurrent", (cell.weight_hh, cell.bias_hh))]
+        products += [(cell, "project", (cell.input_weight, cell.input_bias)),
+                     (cell, "recurrent", (cell.recurrent_weight, cell.recurrent_bias))]
     for owner, name, (weight, bias) in products:
         packed = packed_linear(weight, bias)
         if packed is None:

@@ -158,6 +158,43 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Reorder a graph's nodes so that each follows the producers of what it reads, counting the outer names that
+    its subgraphs read (a Loop's body reads the encoder's values; onnxruntime's quantizer orders without them)."""
+    producer = {name: node for node in graph.node for name in node.output}
+
+    def reads(node: onnx.NodeProto) -> set[str]:
+        names = set(node.input)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                names.update(name for inner in attribute.g.node for name in reads(inner))
+        return names
+
+    ordered, placed = [], set()
+
+    def place(node: onnx.NodeProto) -> None:
+        stack = [(node, False)]
+        while stack:
+            current, ready = stack.pop()
+            if id(current) in placed:
+                continue
+            if ready:
+                placed.add(id(current))
+                ordered.append(current)
+                continue
+            stack.append((current, True))
+            stack.extend((producer[name], False) for name in reads(current)
+                         if name in producer and id(producer[name]) not in placed)
+
+    for node in graph.node:
+        place(node)
+    nodes = [onnx.NodeProto() for _ in ordered]
+    for copy, node in zip(nodes, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def quantize_graphs(out: Path) -> None:
     """Dynamically quantized (int8 weights, per-tensor) copies of both fp32 graphs for CPU inference."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -168,8 +205,12 @@ def quantize_graphs(out: Path) -> None:
     try:
         for kind in ("encoder", "decoder_step"):
             prepared = gemm_to_matmul(onnx.load(str(out / graph_file(kind))))
-            quantize_dynamic(prepared, str(out / graph_file(kind, "int8")), weight_type=QuantType.QInt8)
-            onnx.checker.check_model(str(out / graph_file(kind, "int8")))
+            path = out / graph_file(kind, "int8")
+            quantize_dynamic(prepared, str(path), weight_type=QuantType.QInt8)
+            quantized = onnx.load(str(path))
+            sort_nodes(quantized.graph)
+            onnx.save(quantized, str(path))
+            onnx.checker.check_model(str(path))
     finally:
         root.setLevel(level)
 
@@ -201,9 +242,6 @@ def run_export(model: str, out: str, tensorrt: bool = False, fp16: bool = False,
 
         require_tensorrt()  # before any work: one line saying what to install
     net, vocab, config = load_model(model, "cpu")
-    if config.model.layer_norm:
-        raise NMTError(f"{model}: layer-normalized RNNs cannot be exported (their encoder unrolls per source "
-                       f"position, which fixes the source length in the graph)")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     export_graphs(net, folder, "fp32")

@@ -220,13 +220,16 @@ def test_fp32_decoding_on_cpu_packs_the_products_and_translates_as_the_plain_mod
         assert [t[0].score for t in ours] == pytest.approx([t[0].score for t in plain], abs=1e-3)
 
 
-def test_bf16_step_packs_every_product_of_the_decoder_step(toy_run):
+@pytest.mark.parametrize("layer_norm", [None, "gru", "lstm"])
+def test_bf16_step_packs_every_product_of_the_decoder_step(toy_run, layer_norm):
     from nmt.checkpoint import load_model
     from serving.backends import BFloat16Step, packed_linear
+    from tests.conftest import tiny_random_model
 
     if packed_linear(torch.zeros(4, 4).bfloat16(), None) is None:
         pytest.skip("this torch has no oneDNN bf16 linear")
-    decoder = BFloat16Step(load_model(toy_run)[0], "cpu").model.decoder
+    model = load_model(toy_run)[0] if layer_norm is None else tiny_random_model(layer_norm=True, rnn_type=layer_norm)
+    decoder = BFloat16Step(model, "cpu").model.decoder
     packed = [decoder.logits, decoder.attention.query_layer.forward, decoder.att_layer.forward]
     packed += [f for cell in decoder.cells for f in (cell.project, cell.recurrent)]
     assert all(getattr(f, "__name__", "") == "packed_product" for f in packed)

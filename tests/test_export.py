@@ -15,6 +15,7 @@ from nmt.checkpoint import load_model
 from nmt.config import ModelConfig
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
+from serving.backends import open_translator
 from serving.export import example_inputs, export_graphs, gemm_to_matmul, run_export, verify_graphs
 from serving.graphs import OPSET, graph_file, io_names, output_shapes, read_model_json
 from tests.conftest import tiny_random_model
@@ -69,7 +70,9 @@ def test_int8_graphs_hold_quantized_matmuls(exported):
 
 @pytest.mark.parametrize("model_kwargs", [{}, {"rnn_type": "lstm", "decoder_layers": 2, "encoder_layers": 2},
                                           {"tie_embeddings": True}, {"dropout": 0.3},
-                                          {"tie_embeddings": True, "share_embeddings": True}])
+                                          {"tie_embeddings": True, "share_embeddings": True},
+                                          {"layer_norm": True},
+                                          {"layer_norm": True, "rnn_type": "lstm", "encoder_layers": 2}])
 def test_graphs_match_torch_at_untraced_batch_length_and_beam(tmp_path, model_kwargs):
     model = tiny_random_model(vocab_size=13, **model_kwargs)
     export_graphs(model, tmp_path)
@@ -98,15 +101,27 @@ def test_gemm_rewrite_keeps_results(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_export_refuses_layer_norm_models_and_bad_paths(tmp_path, toy_run):
+def test_export_refuses_bad_paths(tmp_path):
     with pytest.raises(NMTError, match="checkpoint not found|no checkpoints"):
         run_export(str(tmp_path / "missing.pt"), str(tmp_path / "out"))
     with pytest.raises(NMTError, match="not an export folder"):
         read_model_json(tmp_path)
+
+
+def test_a_layer_normalized_model_exports_and_translates_as_in_torch_with_one_encoder_loop_per_direction(
+        tmp_path, toy_run, toy_corpus):
     payload = torch.load(toy_run / "checkpoints" / "best.pt", weights_only=True)
     payload["config"]["model"]["layer_norm"] = True
     sizes = [payload["model"][f"{side}.embed.weight"].shape[0] for side in ("encoder", "decoder")]
     payload["model"] = Seq2Seq(ModelConfig(**payload["config"]["model"]), *sizes).state_dict()
     torch.save(payload, tmp_path / "ln.pt")
-    with pytest.raises(NMTError, match="layer-normalized"):
-        run_export(str(tmp_path / "ln.pt"), str(tmp_path / "out"))
+    run_export(str(tmp_path / "ln.pt"), str(tmp_path / "out"), fp16=True, int8=True)  # verified against torch
+    encoder = onnx.load(str(tmp_path / "out" / "encoder.onnx")).graph
+    ops = [node.op_type for node in encoder.node]
+    assert ops.count("Loop") == 2 and not any(op.startswith("Sequence") for op in ops)  # one per direction
+    lines = (toy_corpus / "test.src").read_text().splitlines()[:8]
+    want = [[t.text for t in n] for n in open_translator(str(tmp_path / "ln.pt")).translate(lines, beam_size=3)]
+    got = open_translator(str(tmp_path / "out"), "onnxruntime").translate(lines, beam_size=3)
+    assert [[t.text for t in n] for n in got] == want
+    int8 = open_translator(str(tmp_path / "out"), "onnxruntime", precision="int8").translate(lines, beam_size=3)
+    assert len(int8) == len(lines) and all(len(n) == 1 for n in int8)

@@ -190,6 +190,7 @@ def _plain_loss_and_gradients(model, batch, label_smoothing):
 
 
 @pytest.mark.parametrize("model", [{}, {"rnn_type": "lstm"}, {"layer_norm": True},
+                                   {"layer_norm": True, "rnn_type": "lstm", "encoder_layers": 2, "decoder_layers": 2},
                                    {"tie_embeddings": True, "encoder_layers": 2, "decoder_layers": 2},
                                    {"attentional_tanh": True, "bridge": "tanh", "rnn_init": "xavier"},
                                    {"tie_embeddings": True, "share_embeddings": True}])
