@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from nmt import bptt
 from nmt.config import ModelConfig
 from nmt.embedding import TokenEmbedding
-from nmt.rnn import Cell, gate_norm, make_cell, reverse_padded, scan_layer_norm_gru, scan_layer_norm_lstm
+from nmt.rnn import Cell, make_cell, reverse_padded, scan_layer_norm_gru, scan_layer_norm_lstm
 
 
 class Encoder(nn.Module):
@@ -77,8 +77,7 @@ class Encoder(nn.Module):
         """One direction over packed inputs [R, I] → hidden states [R, H]."""
         zeros = x.new_zeros(batch, rnn.hidden_size)
         if isinstance(rnn, Cell):  # layer-normalized: the input norm, like the projection, for all rows at once
-            ih_gain, ih_bias = rnn.norms()[:2]
-            projected = gate_norm(rnn.project(x), ih_gain, ih_bias)
+            projected = rnn.normalize_input(rnn.project(x))
             weights = bptt.LayerWeights.of(rnn, None, None, input_norm=False)
         else:  # torch's GRU / LSTM module
             projected = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
@@ -90,8 +89,8 @@ class Encoder(nn.Module):
         """One direction over left-aligned padded sequences → outputs [B, S, H] (zero at padding), last state
         [B, H]."""
         if isinstance(rnn, Cell):
-            ih_gain, ih_bias, hh_gain, hh_bias, cell_gain, cell_bias = rnn.norms()
-            projected = gate_norm(rnn.project(x), ih_gain, ih_bias)
+            _, _, hh_gain, hh_bias, cell_gain, cell_bias = rnn.norms()
+            projected = rnn.normalize_input(rnn.project(x))
             scan = _scan(self.lstm, scripted=torch.jit.is_tracing())
             if self.lstm:
                 return scan(projected, mask, rnn.recurrent_weight, rnn.recurrent_bias, hh_gain, hh_bias, cell_gain,

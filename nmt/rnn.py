@@ -55,14 +55,15 @@ class Cell(nn.Module):
         """W_hh · h + b_hh [N, G·H] (before any layer norm)."""
         return F.linear(h, self.recurrent_weight, self.recurrent_bias)
 
-    def normalized(self, projected: torch.Tensor, recurrent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both projections as the gates read them: layer-normalized per gate block where the cell has norms."""
-        ih_gain, ih_bias, hh_gain, hh_bias, _, _ = self.norms()
-        if ih_gain is not None:
-            projected = gate_norm(projected, ih_gain, ih_bias)
-        if hh_gain is not None:
-            recurrent = gate_norm(recurrent, hh_gain, hh_bias)
-        return projected, recurrent
+    def normalize_input(self, projected: torch.Tensor) -> torch.Tensor:
+        """The input projection as the gates read it: layer-normalized per gate block where the cell has norms."""
+        gain, bias = self.norms()[:2]
+        return projected if gain is None else gate_norm(projected, gain, bias)
+
+    def normalize_recurrent(self, recurrent: torch.Tensor) -> torch.Tensor:
+        """The recurrent projection as the gates read it (see `normalize_input`)."""
+        gain, bias = self.norms()[2:4]
+        return recurrent if gain is None else gate_norm(recurrent, gain, bias)
 
     def step(self, projected: torch.Tensor, state: State) -> State:
         raise NotImplementedError
@@ -85,7 +86,7 @@ class GRUCell(Cell):
         _uniform(self, hidden_size)
 
     def step(self, projected: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return gru_gates(*self.normalized(projected, self.recurrent(h)), h)[0]
+        return gru_gates(self.normalize_input(projected), self.normalize_recurrent(self.recurrent(h)), h)[0]
 
 
 class LSTMCell(Cell):
@@ -102,8 +103,8 @@ class LSTMCell(Cell):
 
     def step(self, projected: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state
-        projected, recurrent = self.normalized(projected, self.recurrent(h))
-        h, c, _ = lstm_gates(projected + recurrent, c, *self.norms()[4:])
+        gates = self.normalize_input(projected) + self.normalize_recurrent(self.recurrent(h))
+        h, c, _ = lstm_gates(gates, c, *self.norms()[4:])
         return h, c
 
 
