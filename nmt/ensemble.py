@@ -42,6 +42,9 @@ class Ensemble:
         return State(rows={k[len(prefix):]: v for k, v in state.rows.items() if k.startswith(prefix)},
                      sentences={k[len(prefix):]: v for k, v in state.sentences.items() if k.startswith(prefix)})
 
+    def parameter_count(self) -> int:
+        return sum(member.parameter_count() for member in self.members)
+
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> State:
         return self._join([member.encode(src, src_lengths) for member in self.members])
 

@@ -264,20 +264,26 @@ class RecipeRun:
         resumed_from = trainer.progress.step if resume else None
         return {**trainer.train(), "resumed_from_step": resumed_from}
 
-    def evaluate(self, role: str, beams: tuple[int, ...]) -> dict[str, Any]:
-        """Translate the test split with each beam size; BLEU/chrF, speed, parameters and checkpoint size."""
+    def evaluate(self, role: str, beams: tuple[int, ...], members: tuple[str, ...] = (),
+                 repeats: int = 0) -> dict[str, Any]:
+        """Translate the test split with each beam size; BLEU/chrF, speed, parameters and checkpoint size. `role`
+        names the model, or, with `members` (trained roles), their ensemble; `repeats` (default
+        evaluate.speed_repeats) is how many times each search decodes the split for its speed."""
         from nmt.checkpoint import resolve_checkpoint
         from serving.backends import open_translator
         from nmt.data import read_lines
         from nmt.evaluate import corpus_scores
 
+        members = members or (role,)
         sources, references = (read_lines(self.corpus_file("test", side)) for side in (0, 1))
         if self.recipe.evaluate.max_sentences:
             sources, references = (lines[: self.recipe.evaluate.max_sentences] for lines in (sources, references))
-        translator = open_translator(str(self.model_dir(role)), "torch", self.config(role).train.device)
+        translator = open_translator([str(self.model_dir(member)) for member in members], "torch",
+                                     self.config(members[0]).train.device)
         decodes = {}
         for beam in beams:
-            hypotheses, speed = timed_translation(translator, sources, beam, self.recipe.evaluate.speed_repeats)
+            hypotheses, speed = timed_translation(translator, sources, beam,
+                                                  repeats or self.recipe.evaluate.speed_repeats)
             output = self.dir / "eval" / f"{role}.beam{beam}.{self.languages()[1]}"
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text("".join(line + "\n" for line in hypotheses), encoding="utf-8")
@@ -287,8 +293,10 @@ class RecipeRun:
             say(f"[evaluate_{role}] beam {beam}: BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}, "
                 f"{speed['sentences_per_s']:.1f} sentences/s")
         result = {"model": role, "parameters": translator.decoder.parameter_count(),
-                  "checkpoint_bytes": resolve_checkpoint(self.model_dir(role)).stat().st_size,
-                  "test_sentences": len(sources), "decodes": decodes}
+                  "checkpoint_bytes": sum(resolve_checkpoint(self.model_dir(member)).stat().st_size
+                                          for member in members),
+                  "test_sentences": len(sources), "decodes": decodes,
+                  **({"members": list(members)} if members != (role,) else {})}
         write_json(self.dir / "eval" / f"{role}.json", result)
         return result
 

@@ -1,9 +1,9 @@
 """stages.py — the stages of a recipe, in running order: prepare → vocab → teacher → evaluate_teacher →
-evaluate_apertium → distill → student → evaluate_student → [baseline → evaluate_baseline] → export → engines →
-translate_sample. Each is one small function registered with `@stage` (its upstream stages, the inputs its
-fingerprint covers, the outputs that must exist); it calls library functions, never subprocesses (Apertium
-aside), and raises Skip for a feature not built or not installed here. Adding a stage is one function here.
-"""
+evaluate_apertium → distill → student → evaluate_student → [baseline → evaluate_baseline] → evaluate_ensemble →
+export → engines → translate_sample. Each is one small function registered with `@stage` (its upstream stages,
+the inputs its fingerprint covers, the outputs that must exist); it calls library functions, never subprocesses
+(Apertium aside), and raises Skip for a feature not built or not installed here. Adding a stage is one function
+here."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nmt.errors import NMTError
-from recipes.run import (SPLITS, TRAINING_LIMITS, RecipeRun, Skip, folder_bytes, optional_module, say, stage,
+from recipes.run import (ROLES, SPLITS, TRAINING_LIMITS, RecipeRun, Skip, folder_bytes, optional_module, say, stage,
                          write_json)
 
 EVAL_BEAM = 5
@@ -199,6 +199,23 @@ def baseline(run: RecipeRun) -> dict[str, Any]:
 
 
 _evaluation_of("baseline", "baseline student")
+
+
+def ensemble_members(run: RecipeRun) -> tuple[str, ...]:
+    """The models the ensemble joins: the teacher and each student trained beside it."""
+    return tuple(role for role in ROLES if run.trains(role) and run.status(role) == "done")
+
+
+@stage("evaluate_ensemble", needs=("prepare", "teacher", "student", "baseline"),
+       inputs=lambda run: [run.evaluation_inputs("teacher"), ensemble_members(run)],
+       outputs=lambda run: [run.dir / "eval" / "ensemble.json"] if run.status("evaluate_ensemble") == "done" else [])
+def evaluate_ensemble(run: RecipeRun) -> dict[str, Any]:
+    """The teacher and its students as one model (their log-probabilities averaged inside one beam search,
+    nmt.ensemble), beam 5, beside the single models; decoded once, as its speed is no deployment's."""
+    members = ensemble_members(run)
+    if len(members) < 2:
+        raise Skip("no student was trained to join the teacher in an ensemble")
+    return run.evaluate("ensemble", (EVAL_BEAM,), members, repeats=1)
 
 
 @stage("export", needs=("teacher", "student"), inputs=lambda run: dataclasses.asdict(run.recipe.export),

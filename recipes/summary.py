@@ -46,7 +46,7 @@ def plot_curves(run: RecipeRun, path: Path) -> Path | None:
 
 def summarize(run: RecipeRun) -> dict[str, Any]:
     """summary.json, summary.md and training_curves.png in the run folder; the markdown is printed too."""
-    models = {role: run.result(f"evaluate_{role}") for role in (*ROLES, "apertium")}
+    models = {role: run.result(f"evaluate_{role}") for role in (*ROLES, "ensemble", "apertium")}
     exported = {name: run.result(name) for name in ("export", "engines")}
     plot = plot_curves(run, run.dir / "training_curves.png")
     stages = {name: {key: run.state[name].get(key) for key in ("status", "wall_s", "message")}

@@ -91,7 +91,8 @@ def run_copy(finished_run, tmp_path, monkeypatch) -> Path:
 def test_first_run_runs_every_stage_and_skips_unbuilt_features(finished_run):
     state = state_of(finished_run)
     assert list(state) == list(STAGES)
-    done = {"prepare", "vocab", "teacher", "evaluate_teacher", "student", "evaluate_student", "translate_sample"}
+    done = {"prepare", "vocab", "teacher", "evaluate_teacher", "student", "evaluate_student", "evaluate_ensemble",
+            "translate_sample"}
     assert {name for name, record in state.items() if record["status"] == "done"} == done
     assert "nmt.distill" in state["distill"]["message"]
     assert "serving.export" in state["export"]["message"]
@@ -127,6 +128,22 @@ def test_summary_files_and_plot_are_written(finished_run):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
 
+def test_the_ensemble_of_teacher_and_student_is_evaluated_beside_them(finished_run, toy_corpus):
+    from serving.backends import open_translator
+
+    run = finished_run / "run"
+    models = json.loads((run / "summary.json").read_text())["models"]
+    ensemble = models["ensemble"]
+    assert ensemble["members"] == ["teacher", "student"] and set(ensemble["decodes"]) == {"beam5"}
+    assert ensemble["parameters"] == models["teacher"]["parameters"] + models["student"]["parameters"]
+    assert len(ensemble["decodes"]["beam5"]["runs_s"]) == 1  # decoded once: its speed is no deployment's
+    sources = (toy_corpus / "test.src").read_text().splitlines()[:40]  # evaluate.max_sentences
+    translator = open_translator([str(run / "teacher"), str(run / "student")])
+    expected = [nbest[0].text for nbest in translator.translate(sources, beam_size=5)]
+    assert (run / "eval" / "ensemble.beam5.tgt").read_text().splitlines() == expected
+    assert "| ensemble | beam 5 |" in (run / "summary.md").read_text()
+
+
 def test_rerun_skips_every_current_stage(run_copy, monkeypatch, capsys):
     monkeypatch.setattr(Trainer, "train", lambda self: pytest.fail("a current stage trained again"))
     before = state_of(run_copy)
@@ -144,13 +161,15 @@ def test_baseline_student_is_trained_on_the_original_corpus_and_reported(run_cop
     write_recipe(run_copy, values)
     run_recipe(run_copy / "recipe.yaml")
     said = stage_lines(capsys.readouterr().err)
-    assert said["baseline"] == said["evaluate_baseline"] == "running"
+    assert said["baseline"] == said["evaluate_baseline"] == said["evaluate_ensemble"] == "running"
     assert said["teacher"] == said["student"] == "current, skipped"
     run = run_copy / "run"
     baseline = json.loads((run / "summary.json").read_text())["models"]["baseline"]
     assert set(baseline["decodes"]) == {"beam5", "beam1"}
     assert baseline["parameters"] == json.loads((run / "summary.json").read_text())["models"]["student"]["parameters"]
     assert (run / "baseline" / "checkpoints" / "best.pt").is_file()
+    assert json.loads((run / "summary.json").read_text())["models"]["ensemble"]["members"] == [
+        "teacher", "student", "baseline"]
     assert "| baseline | greedy |" in (run / "summary.md").read_text()
     figures = json.loads((run / "summary.json").read_text())["distillation"]
     student = json.loads((run / "summary.json").read_text())["models"]["student"]
@@ -311,7 +330,8 @@ def test_recipe_mistakes_are_one_line_errors(toy_corpus, tmp_path):
         load_recipe(write_recipe(tmp_path, values))
     with pytest.raises(NMTError, match="--from bake: unknown stage"):
         select_stages("bake", None)
-    assert select_stages("student", "export") == ["student", "evaluate_student", "baseline", "evaluate_baseline", "export"]
+    assert select_stages("student", "export") == ["student", "evaluate_student", "baseline", "evaluate_baseline",
+                                                  "evaluate_ensemble", "export"]
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
