@@ -14,7 +14,8 @@ import json
 
 import torch
 
-from serving.backends import open_translator, unpack_decoder_products
+from nmt.inference import unpack_decoder_products
+from serving.backends import open_translator
 from nmt.allocator import keep_freed_memory
 from nmt.data import read_lines
 from nmt.errors import NMTError

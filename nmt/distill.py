@@ -25,6 +25,7 @@ from nmt.atomic import write_atomic
 from nmt.data import Batch, load_parallel, rejection
 from nmt.ensemble import combine
 from nmt.errors import NMTError
+from nmt.inference import decoding_step
 from nmt.model import Seq2Seq
 from nmt.search import DecoderStep
 from nmt.train import Trainer
@@ -101,12 +102,13 @@ def _teacher(config: Config) -> tuple[Seq2Seq, Vocab, Config, torch.device]:
 
 
 def _teachers(config: Config) -> tuple[DecoderStep, Vocab, Config, torch.device]:
-    """The teacher, or the ensemble of it and distill.ensemble's models (the first one's decode settings)."""
+    """The teacher, or the ensemble of it and distill.ensemble's models (the first one's decode settings), made
+    ready for decoding only (prepacked products on CPU: the same translations, faster)."""
     teacher, vocab, teacher_config, device = _teacher(config)
-    members = [("distill.teacher", teacher, vocab)]
+    members = [("distill.teacher", decoding_step(teacher, device), vocab)]
     for path in config.distill.ensemble:
         model, other, _ = load_model(path, device)
-        members.append((f"distill.ensemble {path}", model, other))
+        members.append((f"distill.ensemble {path}", decoding_step(model, device), other))
     return (*combine(members), teacher_config, device)
 
 

@@ -189,7 +189,7 @@ def test_translate_under_torchrun_gives_one_process_s_output_line_for_line(toy_r
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_packed_products_give_the_plain_product(with_bias):
-    from serving.backends import packed_linear
+    from nmt.inference import packed_linear
 
     torch.manual_seed(0)
     weight, bias = torch.randn(300, 64).bfloat16(), torch.randn(300).bfloat16() if with_bias else None
@@ -205,7 +205,8 @@ def test_packed_products_give_the_plain_product(with_bias):
 def test_fp32_decoding_on_cpu_packs_the_products_and_translates_as_the_plain_model(toy_run, toy_corpus):
     from nmt.checkpoint import load_model
     from nmt.translate import Translator
-    from serving.backends import open_translator, packed_linear
+    from nmt.inference import packed_linear
+    from serving.backends import open_translator
 
     if packed_linear(torch.zeros(4, 4), None) is None:
         pytest.skip("this torch has no oneDNN linear")
@@ -223,7 +224,7 @@ def test_fp32_decoding_on_cpu_packs_the_products_and_translates_as_the_plain_mod
 @pytest.mark.parametrize("layer_norm", [None, "gru", "lstm"])
 def test_bf16_step_packs_every_product_of_the_decoder_step(toy_run, layer_norm):
     from nmt.checkpoint import load_model
-    from serving.backends import BFloat16Step, packed_linear
+    from nmt.inference import BFloat16Step, packed_linear
     from tests.conftest import tiny_random_model
 
     if packed_linear(torch.zeros(4, 4).bfloat16(), None) is None:

@@ -126,3 +126,15 @@ def test_a_teacher_ensemble_of_one_model_twice_distils_that_model_s_corpus(disti
     run_distill(config=config, corpus_only=True)
     single, _ = distilled
     assert (tmp_path / "run/distill/train.tgt").read_text() == (single / "distill/train.tgt").read_text()
+
+
+def test_the_teachers_decode_with_prepacked_products(toy_corpus, toy_run, tmp_path):
+    import torch
+
+    from nmt.distill import _teachers
+    from nmt.inference import packed_linear
+
+    if packed_linear(torch.zeros(4, 4), None) is None:
+        pytest.skip("this torch has no oneDNN linear")
+    ensemble = _teachers(student_config(toy_corpus, toy_run, tmp_path / "run", ensemble=[str(toy_run)]))[0]
+    assert [member.decoder.logits.__name__ for member in ensemble.members] == ["packed_product"] * 2
