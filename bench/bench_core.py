@@ -11,6 +11,8 @@ train/dev/test .es/.en), otherwise on a synthetic Zipfian corpus, and prints
 - greedy and beam-5 sentences/s on the test sentences (`--model` decodes a trained run instead of the untrained
   model, whose outputs run to the maximum length). Run with the thread count you want to report, e.g.
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_core.py --corpus runs/bible-es-en/corpus
+`--device cuda` trains and decodes on the GPU (add `--amp bf16` for autocast); the roofline is then cuBLAS's
+float32 rate at the model's shapes (TF32 off, PyTorch's default), not one thread's.
 """
 
 from __future__ import annotations
@@ -91,19 +93,28 @@ def training_flops(model: Seq2Seq, batch: Batch) -> float:
     return 3 * sum(2 * count * m * k * n for count, m, k, n, _ in matmul_shapes(model, batch))
 
 
-def sgemm_gflops(m: int, k: int, n: int, seconds: float = 0.3) -> float:
-    """float32 GFLOP/s of an [m, k] x [k, n] product on the configured threads (best of the runs in `seconds`)."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock reading covers it (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sgemm_gflops(m: int, k: int, n: int, seconds: float = 0.3, device: torch.device = torch.device("cpu")) -> float:
+    """float32 GFLOP/s of an [m, k] x [k, n] product on the configured threads or the GPU (best of the runs in
+    `seconds`)."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
     a @ b
+    synchronize(device)
     best, began = float("inf"), time.perf_counter()
     while time.perf_counter() - began < seconds:
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * m * k * n / best / 1e9
 
 
-def roofline_gflops(model: Seq2Seq, batch: Batch) -> float:
+def roofline_gflops(model: Seq2Seq, batch: Batch, device: torch.device = torch.device("cpu")) -> float:
     """SGEMM GFLOP/s at the model's own shapes, FLOP-weighted (the harmonic mean of the rates): each forward
     product and its two backward ones (input gradient [M, N] x [N, K], weight gradient [K, M] x [M, N]) at its
     measured rate. Products inside the loops run on one step's rows (the batch size); their weight gradients
@@ -116,7 +127,7 @@ def roofline_gflops(model: Seq2Seq, batch: Batch) -> float:
         rows = batch.src.size(0) if per_step else m
         for shape in ((rows, k, n), (rows, n, k), (k, m, n)):
             work = 2 * count * m * k * n
-            seconds += work / (sgemm_gflops(*shape) * 1e9)
+            seconds += work / (sgemm_gflops(*shape, device=device) * 1e9)
             flops += work
     return flops / seconds / 1e9
 
@@ -126,10 +137,12 @@ def timed_training(trainer: Trainer, steps: int) -> tuple[float, float, Batch]:
     batches = [trainer.train_data.batch(i) for i in trainer.train_data.batcher.epoch(0)[: steps + 3]]
     for batch in batches[:3]:
         trainer.step(batch)
+    synchronize(trainer.device)
     tokens, flops, began = 0, 0.0, time.perf_counter()
     for batch in batches[3:]:
         tokens += trainer.step(batch)[1]
         flops += training_flops(trainer.model, batch)
+    synchronize(trainer.device)
     seconds = time.perf_counter() - began
     typical = sorted(batches[3:], key=lambda b: b.n_tgt_tokens)[len(batches[3:]) // 2]
     return tokens / seconds, flops / tokens, typical
@@ -138,7 +151,8 @@ def timed_training(trainer: Trainer, steps: int) -> tuple[float, float, Batch]:
 def bench_config(args: argparse.Namespace, work: Path) -> Config:
     if args.config:
         amp = [f"train.amp={args.amp}"] if args.amp else []
-        return load_config(args.config, [f"train.out_dir={work / 'run'}", "train.progress=false", *amp, *args.set])
+        return load_config(args.config, [f"train.out_dir={work / 'run'}", "train.progress=false",
+                                         f"train.device={args.device}", *amp, *args.set])
     corpus = Path(args.corpus) if args.corpus else work
     if not args.corpus:
         synthetic_corpus(work)
@@ -147,7 +161,7 @@ def bench_config(args: argparse.Namespace, work: Path) -> Config:
         "data": {**split, "max_len": 100}, "vocab": {"size": args.vocab},
         "model": {**SIZES[args.size], "dropout": 0.2},
         "train": {"out_dir": str(work / "run"), "batch_tokens": args.batch_tokens, "progress": False,
-                  "amp": args.amp or False},
+                  "amp": args.amp or False, "device": args.device},
         "decode": {"batch_size": 64},
     })
 
@@ -165,6 +179,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=3000)
     parser.add_argument("--sentences", type=int, default=300, help="test sentences decoded (0: training only)")
     parser.add_argument("--amp", choices=("bf16", "fp16"), help="train under autocast (bf16 uses AMX on recent Xeons)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--model", help="decode with this trained run/checkpoint (same vocabulary) instead of the "
                                         "untrained model, whose outputs run to the maximum length")
     args = parser.parse_args()
@@ -177,25 +192,26 @@ def main() -> None:
             (work / "run" / "vocab" / file.name).write_bytes(file.read_bytes())
     trainer = Trainer(config, quiet=True)
     tokens_per_s, flops_per_token, batch = timed_training(trainer, args.steps)
-    rate = roofline_gflops(trainer.model, batch)
+    device = trainer.device
+    rate = roofline_gflops(trainer.model, batch, device)
     roofline = rate * 1e9 / flops_per_token
 
     model, vocab = trainer.model.eval(), trainer.vocab
     if args.model:
-        model, vocab, _ = load_model(args.model)
+        model, vocab, _ = load_model(args.model, device)
     test = config.data.test
     sources = Path(test.src).read_text(encoding="utf-8").splitlines()[: args.sentences] if test and test.src else []
-    translator = Translator(model, vocab, config.decode)
+    translator = Translator(model, vocab, config.decode, device)
     speeds = {}
     for beam in (1, 5) if sources else ():
         runs = []
         for _ in range(3):
             began = time.perf_counter()
-            translator.translate(sources, beam_size=beam)
+            translator.translate(sources, beam_size=beam)  # its results are on the host: the GPU is done
             runs.append(len(sources) / (time.perf_counter() - began))
         speeds[f"beam{beam}_sentences_per_s"] = round(statistics.median(runs), 1)
     print(json.dumps({
-        "config": args.config or args.size, "parameters": trainer.model.parameter_count(),
+        "config": args.config or args.size, "device": str(device), "parameters": trainer.model.parameter_count(),
         "vocab": {"src": trainer.vocab.src_size, "tgt": trainer.vocab.tgt_size}, "threads": torch.get_num_threads(),
         "amp": config.train.amp, "train_target_tokens_per_s": round(tokens_per_s),
         "train_steps_timed": args.steps, "mflop_per_target_token": round(flops_per_token / 1e6, 2),
