@@ -14,6 +14,9 @@ feature not built or not installed here is skipped, not failed.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from nmt.errors import NMTError
@@ -39,6 +42,27 @@ def run_recipe(path: str | Path, start: str | None = None, end: str | None = Non
     then write the summary. Returns the summary."""
     run = RecipeRun(load_recipe(path))
     run.dir.mkdir(parents=True, exist_ok=True)
-    for name in select_stages(start, end):
-        run.execute(name, force)
+    with terminate_as_interrupt():
+        for name in select_stages(start, end):
+            run.execute(name, force)
     return summarize(run)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler's stop) raises KeyboardInterrupt as Ctrl-C does, so the running stage records
+    its error and wall time in state.json, which the stage's next run carries on, instead of the process dying
+    with no record. Training installs its own handler inside this one (save last.pt, then stop)."""
+
+    def interrupt(signum: int, _frame) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

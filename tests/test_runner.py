@@ -4,10 +4,13 @@ files and the plot are written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import shutil
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -269,6 +272,29 @@ def test_killed_teacher_resumes_from_last_checkpoint(toy_corpus, tmp_path, monke
     assert 1000 < record["wall_s"] < 1100  # the killed attempt's time counts
     metrics = [json.loads(line) for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "valid_bleu" in m] == [10, 20]
+
+
+def test_a_terminated_stage_records_its_time_and_its_rerun_carries_it(run_copy, monkeypatch):
+    evaluate = STAGES["evaluate_teacher"]
+
+    def terminated(run):
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises in here
+        pytest.fail("SIGTERM did not stop the stage")
+
+    monkeypatch.setitem(STAGES, "evaluate_teacher", dataclasses.replace(evaluate, run=terminated))
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        run_recipe(run_copy / "recipe.yaml", start="evaluate_teacher", end="evaluate_teacher", force=True)
+    assert signal.getsignal(signal.SIGTERM) == handler  # the runner's handler is gone again
+    killed = state_of(run_copy)["evaluate_teacher"]
+    assert killed["status"] == "started" and killed["error"].startswith("KeyboardInterrupt")
+    assert 0.3 <= killed["wall_s"] < 5
+    monkeypatch.setitem(STAGES, "evaluate_teacher", evaluate)
+    run_recipe(run_copy / "recipe.yaml", start="evaluate_teacher", end="evaluate_teacher")
+    record = state_of(run_copy)["evaluate_teacher"]
+    assert record["status"] == "done" and record["wall_s"] >= killed["wall_s"]  # the killed attempt's time counts
 
 
 def test_built_distillation_and_export_are_called(run_copy, toy_corpus, monkeypatch, capsys):
