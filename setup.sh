@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # The Bible's SWORD modules; Apertium (rule-based es→en), the baseline the recipes report beside their models;
-# Chromium, the headless browser the web page's test drives.
-packages="sword-text-sparv sword-text-web sword-text-kjv apertium apertium-eng-spa chromium"
+# Chromium, the headless browser the web page's test drives; a C compiler for the fused attention kernels
+# (nmt/kernels.py; without one, training and decoding run their eager code).
+packages="sword-text-sparv sword-text-web sword-text-kjv apertium apertium-eng-spa chromium gcc"
 if [ ! -d /usr/share/sword/modules/texts/ztext/spaRV1909eb ] || [ ! -d /usr/share/sword/modules/texts/ztext/engWEB2015eb ] \
-   || ! command -v apertium >/dev/null || ! command -v chromium >/dev/null; then
+   || ! command -v apertium >/dev/null || ! command -v chromium >/dev/null || ! command -v cc >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
   else

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from nmt import kernels
 from nmt.allocator import keep_freed_memory
 from nmt.checkpoint import load_model
 from nmt.config import Config, config_from_dict, load_config
@@ -213,6 +214,7 @@ def main() -> None:
     print(json.dumps({
         "config": args.config or args.size, "device": str(device), "parameters": trainer.model.parameter_count(),
         "vocab": {"src": trainer.vocab.src_size, "tgt": trainer.vocab.tgt_size}, "threads": torch.get_num_threads(),
+        "attention": kernels.status(),
         "amp": config.train.amp, "train_target_tokens_per_s": round(tokens_per_s),
         "train_steps_timed": args.steps, "mflop_per_target_token": round(flops_per_token / 1e6, 2),
         "sgemm_gflops_at_model_shapes": round(rate, 1), "roofline_target_tokens_per_s": round(roofline),

@@ -6,6 +6,8 @@ target length and stored packed, t-major (step t holds its n_t live rows, as a P
 costs nothing; the forward loop saves what backward needs; the backward loop only propagates gradients through
 time, and every weight gradient is one matmul over all steps' rows at the end instead of one per step. Forward
 math comes from the cells and the attention (nmt.rnn, nmt.attention); only the loops and backward live here.
+The attention's tanh(q + keys) [rows, S, A] is recomputed by the backward rather than stored (stored, it was fresh
+memory every step, faulted in page by page); on CPU the fused kernels of nmt.kernels do both passes over it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
+from nmt import kernels
 from nmt.attention import attend
 from nmt.rnn import LAYER_NORM_EPS, Cell, gru_gates, lstm_gates
 
@@ -307,7 +310,10 @@ class _TeacherForced(torch.autograd.Function):
             feed_mask = new(total, att_size).bernoulli_(keep).div_(keep)
         att_in = new(total, att_size)  # the attentional vector fed into each step
         alphas = new(total, keys.size(1))
-        hidden_att = new(total, keys.size(1), keys.size(-1))  # tanh(q + keys) of every step [R, S, A]
+        queries = new(total, keys.size(-1))  # q = W_q·h of every step; backward recomputes tanh(q + keys) from it
+        fused = kernels.usable(keys, energy_weight)  # the energies' passes fused (nmt.kernels), or eager ones
+        src_lengths = src_mask.sum(1) if fused else None
+        hidden_att = None if fused else torch.empty_like(keys)  # tanh(q + keys) of one step [B, S, A], reused
         top_context = new(total, size + memory.size(-1))  # [top hidden, context]: the attentional layer's input
         att_out = new(total, att_size)
         att_vec = gates0.new_zeros(batch, att_size)
@@ -324,22 +330,26 @@ class _TeacherForced(torch.autograd.Function):
                     projected = F.linear(x, w.input_weight, w.input_bias)
                 h = layer.step(span, w, projected, hidden[l], cell[l])
             top_context[span, :size] = h
-            context, alphas[span] = attend(F.linear(h, query_weight), keys[:n], memory[:n], src_mask[:n],
-                                           energy_weight, hidden_att[span].unsqueeze(1))
+            queries[span] = q = F.linear(h, query_weight)
+            context, alphas[span] = attend(q, keys[:n], memory[:n], src_mask[:n], energy_weight,
+                                           None if fused else hidden_att[:n].unsqueeze(1),
+                                           src_lengths[:n] if fused else None)
             top_context[span, size:] = context
             a = torch.addmm(out_bias, top_context[span], out_weight.t())
             att_out[span] = a = a.tanh_() if plan.attentional_tanh else a
             att_vec[:n] = a if feed_mask is None else a * feed_mask[span]
         ctx.plan, ctx.stack, ctx.x_in, ctx.masks, ctx.feed_mask = plan, stack, x_in, masks, feed_mask
-        ctx.save_for_backward(keys, memory, query_weight, energy_weight, out_weight, att_in, hidden_att, alphas,
+        ctx.src_lengths = src_lengths
+        ctx.save_for_backward(keys, memory, query_weight, energy_weight, out_weight, att_in, queries, alphas,
                               top_context, att_out, *flat_weights)
         return att_out if feed_mask is None else att_out * feed_mask
 
     @staticmethod
     def backward(ctx, grad_out):
         plan, stack, x_in, masks, feed_mask = ctx.plan, ctx.stack, ctx.x_in, ctx.masks, ctx.feed_mask
+        src_lengths = ctx.src_lengths  # set where the forward ran the fused kernel
         rows, offsets, layers = plan.rows, plan.offsets, plan.layers
-        (keys, memory, query_weight, energy_weight, out_weight, att_in, hidden_att, alphas, top_context, att_out,
+        (keys, memory, query_weight, energy_weight, out_weight, att_in, queries, alphas, top_context, att_out,
          *flat_weights) = ctx.saved_tensors
         weights = _unflat(flat_weights, layers)
         batch, size, total = keys.size(0), stack[0].h_in.size(1), att_out.size(0)
@@ -348,7 +358,8 @@ class _TeacherForced(torch.autograd.Function):
         # the factor v, as Σ_t d_energy - Σ_t u² · d_energy, and multiplied by v once at the end
         keys_minus, keys_plus = torch.zeros_like(keys), keys.new_zeros(keys.shape[:2])
         grad_energy = torch.zeros_like(energy_weight)
-        scratch = torch.empty_like(keys)  # u² of one step
+        if src_lengths is None:
+            hidden_att, scratch = torch.empty_like(keys), torch.empty_like(keys)  # u and u² of one step
         grad_out_pre = new(total, att_out.size(1))  # d(attentional layer pre-activation)
         grad_queries = new(total, keys.size(-1))
         grad_context = new(total, memory.size(-1))
@@ -370,12 +381,17 @@ class _TeacherForced(torch.autograd.Function):
             alpha = alphas[span]
             d_alpha = torch.bmm(memory[:n], d_context.unsqueeze(2)).squeeze(2)  # [n, S]
             d_energy = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))
-            u = hidden_att[span]  # [n, S, A]
-            grad_energy += d_energy.reshape(1, -1) @ u.reshape(-1, u.size(-1))
-            u_squared = torch.mul(u, u, out=scratch[:n])
+            if src_lengths is not None:  # the same three updates in one pass that recomputes u
+                query_minus = kernels.attention_energies_backward(queries[span], keys, src_lengths[:n], d_energy,
+                                                                  grad_energy, keys_minus)
+            else:
+                u = torch.add(queries[span].unsqueeze(1), keys[:n], out=hidden_att[:n]).tanh_()  # [n, S, A]
+                grad_energy += d_energy.reshape(1, -1) @ u.reshape(-1, u.size(-1))
+                u_squared = torch.mul(u, u, out=scratch[:n])
+                keys_minus[:n].addcmul_(u_squared, d_energy.unsqueeze(2))
+                query_minus = torch.bmm(d_energy.unsqueeze(1), u_squared).squeeze(1)  # Σ_s d·u²
             keys_plus[:n] += d_energy
-            keys_minus[:n].addcmul_(u_squared, d_energy.unsqueeze(2))
-            d_query = (d_energy.sum(1, keepdim=True) - torch.bmm(d_energy.unsqueeze(1), u_squared).squeeze(1))
+            d_query = d_energy.sum(1, keepdim=True) - query_minus
             grad_queries[span] = d_query = d_query * energy_weight  # [n, A]
             grad_h = grad_h + d_query @ query_weight
             for l in reversed(range(layers)):

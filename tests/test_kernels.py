@@ -1,0 +1,106 @@
+"""The fused attention kernels (nmt.kernels): the same energies and gradients as the eager code within float32
+rounding, the same training step and translations, and the eager fallback where they cannot be built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import toy_config
+from nmt import kernels
+from nmt.checkpoint import load_model
+from nmt.train import Trainer
+from nmt.translate import Translator
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason=f"kernels not built: {kernels.status()}")
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """Every caller on its eager path (as where no compiler is found)."""
+    monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
+
+
+@needs_kernels
+def test_fused_energies_equal_the_eager_ones_and_mask_the_padding():
+    torch.manual_seed(0)
+    batch, hypotheses, steps, size = 4, 3, 9, 40
+    query, keys, v = torch.randn(batch * hypotheses, size), torch.randn(batch, steps, size), torch.randn(size)
+    lengths = torch.tensor([9, 4, 1, 7])
+    fused = kernels.attention_energies(query, keys, v, lengths)
+    eager = (torch.tanh(query.view(batch, hypotheses, 1, size) + keys.unsqueeze(1)) @ v).view(-1, steps)
+    live = torch.arange(steps) < lengths.repeat_interleave(hypotheses).unsqueeze(1)
+    assert torch.allclose(fused[live], eager[live], rtol=1e-5, atol=1e-5 * eager.abs().max().item())
+    assert (fused[~live] == torch.finfo(torch.float32).min).all()
+
+
+@needs_kernels
+def test_fused_energies_backward_equals_autograd():
+    torch.manual_seed(1)
+    rows, steps, size = 5, 6, 24
+    query, keys = torch.randn(rows, size, requires_grad=True), torch.randn(rows + 2, steps, size, requires_grad=True)
+    v, lengths, grad_energy = torch.randn(size, requires_grad=True), torch.tensor([6, 6, 3, 2, 1]), torch.randn(rows, steps)
+    live = torch.arange(steps) < lengths.unsqueeze(1)
+    energy = (torch.tanh(query.unsqueeze(1) + keys[:rows]) @ v).masked_fill(~live, 0)
+    energy.backward(grad_energy * live)
+    grad_v, keys_minus = torch.zeros(size), torch.zeros(rows + 2, steps, size)
+    query_minus = kernels.attention_energies_backward(query.detach(), keys.detach(), lengths, grad_energy * live,
+                                                      grad_v, keys_minus)
+    d = (grad_energy * live).unsqueeze(2)  # d(q + k) = d·(1 - u²)·v: the kernel's parts recombined
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    assert close(grad_v, v.grad)
+    assert close((d.sum(1) - query_minus) * v.detach(), query.grad)
+    assert close((d - keys_minus[:rows]) * v.detach(), keys.grad[:rows]) and (keys_minus[rows:] == 0).all()
+
+
+def _step_gradients(corpus: Path, out: Path, model: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    trainer = Trainer(toy_config(corpus, out, model={"dropout": 0.0, **model}, train={"label_smoothing": 0.1}),
+                      quiet=True)
+    batch = trainer.train_data.batch(list(range(16)))  # several source and target lengths: padding on both sides
+    mean_nll, _ = trainer.step(batch)
+    return mean_nll, {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+
+
+@needs_kernels
+@pytest.mark.parametrize("model", [{}, {"layer_norm": True, "decoder_layers": 2}])
+def test_the_fused_training_step_equals_the_eager_one_in_float32(toy_corpus, tmp_path, monkeypatch, model):
+    fused_nll, fused = _step_gradients(toy_corpus, tmp_path / "fused", model)
+    monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
+    eager_nll, eager = _step_gradients(toy_corpus, tmp_path / "eager", model)
+    assert fused_nll == pytest.approx(eager_nll, rel=1e-6)
+    for name, grad in eager.items():
+        assert (fused[name] - grad).abs().max() <= 1e-4 * grad.abs().max().clamp(min=1e-30), name
+
+
+@needs_kernels
+def test_fused_decoding_translates_as_the_eager_one(toy_run, toy_corpus, monkeypatch):
+    model, vocab, config = load_model(toy_run)
+    sources = (toy_corpus / "test.src").read_text().splitlines()[:60]
+    translate = lambda: [Translator(model, vocab, config.decode).translate(sources, beam_size=beam)
+                         for beam in (1, 5)]
+    fused = translate()
+    monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
+    for fused_lines, eager_lines in zip(fused, translate()):
+        assert [n[0].tokens for n in fused_lines] == [n[0].tokens for n in eager_lines]
+        assert [n[0].score for n in fused_lines] == pytest.approx([n[0].score for n in eager_lines], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("environment, reason", [({"NMT_KERNELS": "0"}, "off (NMT_KERNELS=0)"),
+                                                 ({"CC": "no-such-compiler"}, "no C compiler")])
+def test_without_the_kernels_training_and_decoding_run_eagerly(toy_corpus, tmp_path, monkeypatch, environment,
+                                                               reason):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None and reason in kernels.status()
+        trainer = Trainer(toy_config(toy_corpus, tmp_path / "run", train={"max_steps": 3, "valid_every": 3}),
+                          quiet=True)
+        trainer.train()
+        lines = Translator(trainer.model.eval(), trainer.vocab, trainer.config.decode).translate(["a b c", ""])
+        assert len(lines) == 2
+    finally:
+        monkeypatch.undo()
+        kernels.library.cache_clear()
