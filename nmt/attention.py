@@ -29,7 +29,7 @@ class BahdanauAttention(nn.Module):
         no gradient is needed and nothing traces the graph (decoding), the energies come from the fused kernel."""
         projected = self.query_layer(query)
         fused = (not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-                 and not torch.onnx.is_in_onnx_export() and kernels.usable(projected, keys))
+                 and not torch.onnx.is_in_onnx_export() and kernels.usable(keys))  # bf16 queries: cast in attend
         return attend(projected, keys, memory, src_mask, self.energy_layer.weight,
                       src_lengths=src_mask.sum(1) if fused else None)
 
@@ -44,7 +44,8 @@ def attend(projected_query: torch.Tensor, keys: torch.Tensor, memory: torch.Tens
     [B, K, S, A], when given, receives tanh(q + keys) (a buffer reused across steps)."""
     batch, steps, size = keys.shape
     if src_lengths is not None:
-        energy = kernels.attention_energies(projected_query, keys, energy_weight.view(-1), src_lengths)
+        energy = kernels.attention_energies(projected_query.to(keys.dtype), keys,
+                                            energy_weight.view(-1).to(keys.dtype), src_lengths)
         energy = energy.view(batch, -1, steps)  # masked already
     else:
         q = projected_query.view(batch, -1, 1, size).to(keys.dtype)  # [B, K, 1, A]

@@ -11,6 +11,7 @@ import torch
 from conftest import toy_config
 from nmt import kernels
 from nmt.checkpoint import load_model
+from nmt.inference import decoding_step
 from nmt.train import Trainer
 from nmt.translate import Translator
 
@@ -75,12 +76,17 @@ def test_the_fused_training_step_equals_the_eager_one_in_float32(toy_corpus, tmp
 
 
 @needs_kernels
-def test_fused_decoding_translates_as_the_eager_one(toy_run, toy_corpus, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_decoding_translates_as_the_eager_one(toy_run, toy_corpus, monkeypatch, precision):
     model, vocab, config = load_model(toy_run)
+    step = decoding_step(model, "cpu", precision)  # bf16: queries in bf16, keys and energies in float32
     sources = (toy_corpus / "test.src").read_text().splitlines()[:60]
-    translate = lambda: [Translator(model, vocab, config.decode).translate(sources, beam_size=beam)
+    translate = lambda: [Translator(step, vocab, config.decode).translate(sources, beam_size=beam)
                          for beam in (1, 5)]
+    calls, energies = [], kernels.attention_energies
+    monkeypatch.setattr(kernels, "attention_energies", lambda *args: calls.append(1) or energies(*args))
     fused = translate()
+    assert calls  # the search's steps ran the kernel
     monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
     for fused_lines, eager_lines in zip(fused, translate()):
         assert [n[0].tokens for n in fused_lines] == [n[0].tokens for n in eager_lines]
