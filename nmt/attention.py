@@ -28,8 +28,9 @@ class BahdanauAttention(nn.Module):
         """query [N, Q], keys [B, S, A], memory [B, S, M], src_mask [B, S] → context [N, M], weights [N, S]. Where
         no gradient is needed and nothing traces the graph (decoding), the energies come from the fused kernel."""
         projected = self.query_layer(query)
-        fused = (not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-                 and not torch.onnx.is_in_onnx_export() and kernels.usable(keys))  # bf16 queries: cast in attend
+        traced = (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+                  or torch.compiler.is_compiling())  # a graph cannot hold the ctypes call
+        fused = not torch.is_grad_enabled() and not traced and kernels.usable(keys)  # bf16 queries: cast in attend
         return attend(projected, keys, memory, src_mask, self.energy_layer.weight,
                       src_lengths=src_mask.sum(1) if fused else None)
 
