@@ -18,9 +18,8 @@ from nmt.translate import Translator
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason=f"kernels not built: {kernels.status()}")
 
 
-@pytest.fixture
-def eager(monkeypatch):
-    """Every caller on its eager path (as where no compiler is found)."""
+def run_eagerly(monkeypatch) -> None:
+    """Every caller on its eager path from here on (as where no compiler is found)."""
     monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
 
 
@@ -68,7 +67,7 @@ def _step_gradients(corpus: Path, out: Path, model: dict) -> tuple[float, dict[s
 @pytest.mark.parametrize("model", [{}, {"layer_norm": True, "decoder_layers": 2}])
 def test_the_fused_training_step_equals_the_eager_one_in_float32(toy_corpus, tmp_path, monkeypatch, model):
     fused_nll, fused = _step_gradients(toy_corpus, tmp_path / "fused", model)
-    monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
+    run_eagerly(monkeypatch)
     eager_nll, eager = _step_gradients(toy_corpus, tmp_path / "eager", model)
     assert fused_nll == pytest.approx(eager_nll, rel=1e-6)
     for name, grad in eager.items():
@@ -87,7 +86,7 @@ def test_fused_decoding_translates_as_the_eager_one(toy_run, toy_corpus, monkeyp
     monkeypatch.setattr(kernels, "attention_energies", lambda *args: calls.append(1) or energies(*args))
     fused = translate()
     assert calls  # the search's steps ran the kernel
-    monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
+    run_eagerly(monkeypatch)
     for fused_lines, eager_lines in zip(fused, translate()):
         assert [n[0].tokens for n in fused_lines] == [n[0].tokens for n in eager_lines]
         assert [n[0].score for n in fused_lines] == pytest.approx([n[0].score for n in eager_lines], rel=1e-4, abs=1e-5)
