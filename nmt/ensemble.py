@@ -48,7 +48,8 @@ class Ensemble:
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> State:
         return self._join([member.encode(src, src_lengths) for member in self.members])
 
-    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, prev_tokens: torch.Tensor, state: State, normalize: bool = True) -> tuple[torch.Tensor, State]:
+        """The mean of the members' log-probabilities (normalized whatever `normalize` asks: each member's)."""
         total, states = None, []
         for i, member in enumerate(self.members):
             log_probs, new = member.step(prev_tokens, self._part(state, i))

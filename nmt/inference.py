@@ -62,9 +62,9 @@ class BFloat16Step:
             sentences["keys"] = sentences["keys"].float()
         return State({name: rows.float() for name, rows in state.rows.items()}, sentences)
 
-    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, prev_tokens: torch.Tensor, state: State, normalize: bool = True) -> tuple[torch.Tensor, State]:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            log_probs, state = self.model.step(prev_tokens, state)
+            log_probs, state = self.model.step(prev_tokens, state, normalize)
         return log_probs.float(), state
 
 

@@ -80,3 +80,48 @@ void attention_energies_backward(const float *query, const float *keys, const lo
         for (long a = 0; a < size; a++) grad_v[a] += partial[a];
     }
 }
+
+/* Greedy search's choice from unnormalized scores x [rows, vocab] (logits, or log-probabilities themselves): per
+ * row the allowed token of highest score (the first of equal ones) and its log-probability x[best] - log(sum of
+ * exp x over the whole row), without writing the row's log-softmax. Never allowed: the ids never[0..n_never);
+ * eos where no_eos[r]; anything but eos where only_eos[r]. Scores are finite. */
+void greedy_choice(const float *scores, const unsigned char *no_eos, const unsigned char *only_eos, const long *never,
+                   long n_never, long eos, long rows, long vocab, float *best_score, long *best_token, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *x = scores + r * vocab;
+        float top = -FLT_MAX;
+        #pragma omp simd reduction(max:top)
+        for (long v = 0; v < vocab; v++) top = fmaxf(top, x[v]);
+        float sum = 0.0f;
+        #pragma omp simd reduction(+:sum)
+        for (long v = 0; v < vocab; v++) sum += expf(x[v] - top);
+        long best = -1;
+        if (only_eos[r]) {
+            best = eos;
+        } else {
+            /* the first position of the row's maximum: find its block of 64 with a vectorized test, then look in it */
+            for (long start = 0; start < vocab && best < 0; start += 64) {
+                const long end = start + 64 < vocab ? start + 64 : vocab;
+                int hit = 0;
+                #pragma omp simd reduction(|:hit)
+                for (long v = start; v < end; v++) hit |= x[v] == top;
+                for (long v = start; hit && v < end; v++)
+                    if (x[v] == top) { best = v; break; }
+            }
+            int allowed = !(no_eos[r] && best == eos);
+            for (long i = 0; i < n_never; i++) allowed &= best != never[i];
+            if (!allowed) {  /* rare: the maximum is a token not allowed here; an exact scalar pass over the rest */
+                best = -1;
+                for (long v = 0; v < vocab; v++) {
+                    int ok = !(no_eos[r] && v == eos);
+                    for (long i = 0; i < n_never; i++) ok &= v != never[i];
+                    if (ok && (best < 0 || x[v] > x[best])) best = v;
+                }
+                if (best < 0) best = eos;  /* a vocabulary of special ids only */
+            }
+        }
+        best_token[r] = best;
+        best_score[r] = x[best] - top - logf(sum);
+    }
+}

@@ -117,11 +117,11 @@ class Seq2Seq(nn.Module):
                     torch.stack([c for _, c in states], 1))
         return log_probs, torch.stack(states, 1), att_vec, weights
 
-    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, prev_tokens: torch.Tensor, state: State, normalize: bool = True) -> tuple[torch.Tensor, State]:
         rows, sent = state.rows, state.sentences
         log_probs, hidden, att_vec, weights, *cell = self.step_tensors(
             prev_tokens, rows["hidden"], rows["att_vec"], sent["memory"], sent["keys"], sent["src_mask"],
-            rows.get("cell"))
+            rows.get("cell"), log_softmax=normalize)
         new_rows = {"hidden": hidden, "att_vec": att_vec}
         if cell:
             new_rows["cell"] = cell[0]

@@ -1,7 +1,8 @@
 """search.py — greedy search, batched beam search, forced scoring and forced attention over any `DecoderStep`.
 
 The only search loops in the project: the torch model, ONNX Runtime and TensorRT all run through here. Knows
-nothing of torch modules or ONNX — only the two calls of the `DecoderStep` protocol and the reserved ids.
+nothing of torch modules or ONNX — only the two calls of the `DecoderStep` protocol and the reserved ids (and,
+on CPU, greedy search's fused choice of token, nmt.kernels).
 Scores are total log-probabilities (sum over tokens and eos), the same quantity `forced_scores` computes.
 """
 
@@ -14,6 +15,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from nmt import kernels
 from nmt.errors import NMTError
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID
 
@@ -47,9 +49,11 @@ class DecoderStep(Protocol):
         """src [B, S] (padded, ending with eos), src_lengths [B] → the state for B rows (one per sentence)."""
         ...
 
-    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, prev_tokens: torch.Tensor, state: State, normalize: bool = True) -> tuple[torch.Tensor, State]:
         """prev_tokens [N] → log_probs [N, V] for the next token, and the new state (with the step's attention
-        weights [N, S] in `State.attention`, in the backend's dtype, where the backend gives them)."""
+        weights [N, S] in `State.attention`, in the backend's dtype, where the backend gives them). With
+        normalize=False the scores may be unnormalized, their log-softmax the log-probabilities (logits: greedy
+        search skips writing the full log-softmax; a backend may return the log-probabilities anyway)."""
         ...
 
 
@@ -81,6 +85,16 @@ def _mask_log_probs(log_probs: torch.Tensor, early: torch.Tensor | None, force_e
         log_probs[force_eos] = -math.inf
         log_probs[force_eos, EOS_ID] = eos
     return log_probs
+
+
+def _greedy_choice(scores: torch.Tensor, early: torch.Tensor | None,
+                   force_eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's most probable allowed token (as `_mask_log_probs` allows them) of unnormalized scores [N, V], and
+    its log-probability: values [N], tokens [N]. The fused kernel where it runs (it writes no log-softmax)."""
+    if kernels.usable(scores):
+        return kernels.greedy_choice(scores, torch.zeros_like(force_eos) if early is None else early, force_eos,
+                                     NEVER_GENERATED, EOS_ID)
+    return row_max(_mask_log_probs(torch.log_softmax(scores, dim=-1), early, force_eos))
 
 
 def _block_maxima(scores: torch.Tensor, block: int) -> torch.Tensor:
@@ -238,10 +252,9 @@ def greedy_search(decoder: DecoderStep, src: torch.Tensor, src_lengths: torch.Te
         _board(boarding, len(flight.index), _Flight.start, join)
         if not len(flight.index):
             break
-        log_probs, flight.state = decoder.step(flight.prev, flight.state)
+        scores, flight.state = decoder.step(flight.prev, flight.state, normalize=False)
         early = flight.position < min_len if min_len else None
-        log_probs = _mask_log_probs(log_probs, early, max_lens[flight.index] <= flight.position)
-        best, flight.prev = row_max(log_probs)  # [B'], [B']
+        best, flight.prev = _greedy_choice(scores, early, max_lens[flight.index] <= flight.position)  # [B'], [B']
         flight.score = flight.score + best
         tokens[flight.index, flight.position] = flight.prev
         done = flight.prev == EOS_ID

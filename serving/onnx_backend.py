@@ -109,7 +109,8 @@ class OnnxRuntimeStep:
         rows = {key: out[key] for key in ("hidden", "att_vec", "cell") if key in out}
         return State(rows=rows, sentences={key: out[key] for key in ("memory", "keys", "src_mask")})
 
-    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, prev_tokens: torch.Tensor, state: State, normalize: bool = True) -> tuple[torch.Tensor, State]:
+        """The graph's log-probabilities, whatever `normalize` asks (they are their own log-softmax)."""
         memory = state.sentences["memory"]
         out = self._run("decoder_step", {"prev_tokens": prev_tokens, **state.rows, **state.sentences},
                         output_shapes(self.info, "decoder_step", memory.size(0), memory.size(1), prev_tokens.size(0)))

@@ -222,7 +222,8 @@ class TensorRTStep:
         rows = {key: out[key] for key in ("hidden", "att_vec", "cell") if key in out}
         return State(rows=rows, sentences={key: out[key] for key in ("memory", "keys", "src_mask")})
 
-    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, prev_tokens: torch.Tensor, state: State, normalize: bool = True) -> tuple[torch.Tensor, State]:
+        """The graph's log-probabilities, whatever `normalize` asks (they are their own log-softmax)."""
         memory = state.sentences["memory"]
         self.limits.check(memory.size(0), prev_tokens.size(0), memory.size(1))
         out = self.stepper.run({"prev_tokens": prev_tokens, **state.rows, **state.sentences})

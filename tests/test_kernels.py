@@ -3,6 +3,7 @@ rounding, the same training step and translations, and the eager fallback where 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from conftest import toy_config
 from nmt import kernels
 from nmt.checkpoint import load_model
 from nmt.inference import decoding_step
+from nmt.search import NEVER_GENERATED
 from nmt.train import Trainer
 from nmt.translate import Translator
+from nmt.vocab import BOS_ID, EOS_ID, PAD_ID
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason=f"kernels not built: {kernels.status()}")
 
@@ -55,6 +58,29 @@ def test_fused_energies_backward_equals_autograd():
     assert close((d - keys_minus[:rows]) * v.detach(), keys.grad[:rows]) and (keys_minus[rows:] == 0).all()
 
 
+@needs_kernels
+def test_greedy_choice_equals_the_masked_log_softmax_maximum():
+    torch.manual_seed(2)
+    rows, vocab = 12, 1000  # the vocabulary not a multiple of the kernel's blocks of 64
+    scores = torch.randn(rows, vocab) * 4
+    early, only_eos = torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool)
+    early[[1, 7]], only_eos[[3, 8]] = True, True
+    scores[1, EOS_ID] = scores[0, PAD_ID] = scores[4, BOS_ID] = 50.0  # maxima that are not allowed there
+    scores[5, [700, 300, 999]] = 30.0  # equal maxima: the first one
+    scores[6, -1] = 30.0  # the maximum in the last, short block
+    values, tokens = kernels.greedy_choice(scores, early, only_eos, NEVER_GENERATED, EOS_ID)
+    log_probs = torch.log_softmax(scores, dim=-1)
+    allowed = torch.ones(rows, vocab, dtype=torch.bool)
+    allowed[:, list(NEVER_GENERATED)] = False
+    allowed[early, EOS_ID] = False
+    allowed[only_eos] = False
+    allowed[only_eos, EOS_ID] = True
+    expected = log_probs.masked_fill(~allowed, -math.inf).argmax(dim=-1)  # torch's argmax: the first maximum
+    assert tokens.tolist() == expected.tolist()
+    assert tokens[[3, 5, 6, 8]].tolist() == [EOS_ID, 300, vocab - 1, EOS_ID] and tokens[1] != EOS_ID
+    assert torch.allclose(values, log_probs.gather(1, expected.unsqueeze(1)).squeeze(1), atol=1e-5)
+
+
 def _step_gradients(corpus: Path, out: Path, model: dict) -> tuple[float, dict[str, torch.Tensor]]:
     trainer = Trainer(toy_config(corpus, out, model={"dropout": 0.0, **model}, train={"label_smoothing": 0.1}),
                       quiet=True)
@@ -82,10 +108,11 @@ def test_fused_decoding_translates_as_the_eager_one(toy_run, toy_corpus, monkeyp
     sources = (toy_corpus / "test.src").read_text().splitlines()[:60]
     translate = lambda: [Translator(step, vocab, config.decode).translate(sources, beam_size=beam)
                          for beam in (1, 5)]
-    calls, energies = [], kernels.attention_energies
-    monkeypatch.setattr(kernels, "attention_energies", lambda *args: calls.append(1) or energies(*args))
+    calls, energies, choice = [], kernels.attention_energies, kernels.greedy_choice
+    monkeypatch.setattr(kernels, "attention_energies", lambda *args: calls.append("energies") or energies(*args))
+    monkeypatch.setattr(kernels, "greedy_choice", lambda *args: calls.append("choice") or choice(*args))
     fused = translate()
-    assert calls  # the search's steps ran the kernel
+    assert {"energies", "choice"} <= set(calls)  # the search's steps ran the kernels
     run_eagerly(monkeypatch)
     for fused_lines, eager_lines in zip(fused, translate()):
         assert [n[0].tokens for n in fused_lines] == [n[0].tokens for n in eager_lines]

@@ -143,9 +143,9 @@ class CountingStep:
         self.encoded.append(src.size(0))
         return self.model.encode(src, src_lengths)
 
-    def step(self, prev_tokens, state):
+    def step(self, prev_tokens, state, normalize=True):
         self.step_rows.append(prev_tokens.size(0))
-        return self.model.step(prev_tokens, state)
+        return self.model.step(prev_tokens, state, normalize)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
