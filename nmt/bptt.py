@@ -12,6 +12,7 @@ memory every step, faulted in page by page); on CPU the fused kernels of nmt.ker
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,7 +21,7 @@ from torch.nn import functional as F
 
 from nmt import kernels
 from nmt.attention import attend
-from nmt.rnn import LAYER_NORM_EPS, Cell, gru_gates, lstm_gates
+from nmt.rnn import LAYER_NORM_EPS, Cell, gru_gates, lstm_gates, normalize
 
 
 @dataclass(frozen=True)
@@ -423,22 +424,50 @@ class _TeacherForced(torch.autograd.Function):
                 grad_out_pre.sum(0), *grad_weights)
 
 
-def _apply(function: type[torch.autograd.Function], plan: Plan, *tensors: torch.Tensor | None) -> torch.Tensor:
+def _apply(run: Callable[..., torch.Tensor], plan: Plan, *tensors: torch.Tensor | None) -> torch.Tensor:
     """Run a hand-written pass; under autocast its inputs are cast to float32 first (by autograd ops, so their
     gradients come back in their own dtypes) and the loops run in float32 with autocast off."""
     device = next(t for t in tensors if t is not None).device.type
     if not torch.is_autocast_enabled(device):
-        return function.apply(plan, *tensors)
+        return run(plan, *tensors)
     tensors = tuple(t.float() if t is not None and t.is_floating_point() else t for t in tensors)
     with torch.autocast(device, enabled=False):
-        return function.apply(plan, *tensors)
+        return run(plan, *tensors)
+
+
+def _gru_both_directions(plan: Plan, projected: torch.Tensor, *flat_weights: torch.Tensor | None) -> torch.Tensor:
+    """See `bidirectional_gru`."""
+    forward, backward = _unflat(flat_weights, 2)
+    size = forward.recurrent_weight.size(1)
+    both = lambda name: None if getattr(forward, name) is None else torch.stack(
+        [getattr(forward, name), getattr(backward, name)]).unsqueeze(1)
+    weight = torch.stack([forward.recurrent_weight, backward.recurrent_weight]).transpose(1, 2)  # [2, H, 3H]
+    bias, gain, norm_bias = both("recurrent_bias"), both("hh_gain"), both("hh_bias")  # [2, 1, 3H], [2, 1, 3, H]
+    hidden = projected.new_zeros(2, plan.rows[0] if plan.rows else 0, size)
+    out = projected.new_empty(2, projected.size(1), size)
+    for n, o in zip(plan.rows, plan.offsets):
+        h = hidden[:, :n]
+        recurrent = torch.bmm(h, weight) if bias is None else torch.baddbmm(bias, h, weight)  # [2, n, 3H]
+        if gain is not None:
+            recurrent = (normalize(recurrent.view(2, n, 3, size)) * gain + norm_bias).view(2, n, 3 * size)
+        hidden[:, :n] = out[:, o:o + n] = gru_gates(projected[:, o:o + n], recurrent, h)[0]
+    return out
 
 
 def recurrence(plan: Plan, projected: torch.Tensor, hidden0: torch.Tensor, cell0: torch.Tensor | None,
                weights: LayerWeights) -> torch.Tensor:
     """The hidden states [R, H] of one recurrent layer over packed, projected inputs (see `_Recurrence`)."""
     cell0 = cell0 if cell0 is not None else hidden0.new_zeros(0)
-    return _apply(_Recurrence, plan, projected, hidden0, cell0, *weights)
+    return _apply(_Recurrence.apply, plan, projected, hidden0, cell0, *weights)
+
+
+def bidirectional_gru(plan: Plan, projected: torch.Tensor, forward: LayerWeights,
+                      backward: LayerWeights) -> torch.Tensor:
+    """Decoding's encoder layer: a GRU layer's forward and backward direction over packed, projected inputs
+    [2, R, 3H] (the backward's mirrored) in one loop, each step's two recurrent products in one batched product
+    and nothing kept for a backward pass (no autograd function: half the small operations of two `recurrence`
+    calls) → the hidden states [2, R, H]."""
+    return _apply(_gru_both_directions, plan, projected, *forward, *backward)
 
 
 def teacher_forced(plan: Plan, gates0: torch.Tensor, hidden0: torch.Tensor, cell0: torch.Tensor | None,
@@ -448,5 +477,5 @@ def teacher_forced(plan: Plan, gates0: torch.Tensor, hidden0: torch.Tensor, cell
     """The attentional vectors [R, A'] of every live position, packed t-major (see `Plan`)."""
     flat = [w for weights in layer_weights for w in weights]
     cell0 = cell0 if cell0 is not None else hidden0.new_zeros(0)
-    return _apply(_TeacherForced, plan, gates0, hidden0, cell0, keys, memory, src_mask, query_weight, energy_weight,
+    return _apply(_TeacherForced.apply, plan, gates0, hidden0, cell0, keys, memory, src_mask, query_weight, energy_weight,
                   out_weight, out_bias, *flat)

@@ -66,23 +66,21 @@ class Encoder(nn.Module):
         for depth, (forward_rnn, backward_rnn) in enumerate(self.layers):
             if depth:
                 x = self.dropout(x)
-            out_fw = self._recurrence(forward_rnn, plan, x, batch)
-            out_bw = self._recurrence(backward_rnn, plan, x[mirror], batch)  # each sentence read backwards
+            out_fw, out_bw = self._directions(forward_rnn, backward_rnn, plan, x, x[mirror], batch)
             x = torch.cat([out_fw, out_bw[mirror]], dim=-1)  # [R, 2H]
         final = torch.cat([out_fw[last], out_bw[last]], dim=-1)  # [B, 2H]
         return packing.unpack(x, steps), final
 
-    @staticmethod
-    def _recurrence(rnn: nn.Module, plan: bptt.Plan, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """One direction over packed inputs [R, I] → hidden states [R, H]."""
-        zeros = x.new_zeros(batch, rnn.hidden_size)
-        if isinstance(rnn, Cell):  # layer-normalized: the input norm, like the projection, for all rows at once
-            projected = rnn.normalize_input(rnn.project(x))
-            weights = bptt.LayerWeights.of(rnn, None, None, input_norm=False)
-        else:  # torch's GRU / LSTM module
-            projected = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
-            weights = bptt.LayerWeights(None, rnn.weight_hh_l0, rnn.bias_hh_l0, None)
-        return bptt.recurrence(plan, projected, zeros, zeros if plan.lstm else None, weights)
+    def _directions(self, forward_rnn: nn.Module, backward_rnn: nn.Module, plan: bptt.Plan, x: torch.Tensor,
+                    mirrored: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's two directions over packed inputs [R, I] (the backward one's mirrored) → their hidden states
+        [R, H]; without gradients (decoding, validation) a GRU layer's directions run in one loop."""
+        (fw_inputs, fw_weights), (bw_inputs, bw_weights) = _inputs(forward_rnn, x), _inputs(backward_rnn, mirrored)
+        if not self.lstm and not torch.is_grad_enabled():
+            return bptt.bidirectional_gru(plan, torch.stack([fw_inputs, bw_inputs]), fw_weights, bw_weights).unbind(0)
+        zeros = x.new_zeros(batch, forward_rnn.hidden_size)
+        return (bptt.recurrence(plan, fw_inputs, zeros, zeros if plan.lstm else None, fw_weights),
+                bptt.recurrence(plan, bw_inputs, zeros, zeros if plan.lstm else None, bw_weights))
 
     def _run(self, rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor,
              mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +98,14 @@ class Encoder(nn.Module):
         out = out * mask.unsqueeze(-1)
         last = out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.size(-1))).squeeze(1)  # [B, H]
         return out, last
+
+
+def _inputs(rnn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bptt.LayerWeights]:
+    """One direction's projected inputs for all packed rows [R, G·H] and the weights of its recurrence."""
+    if isinstance(rnn, Cell):  # layer-normalized: the input norm, like the projection, for all rows at once
+        return rnn.normalize_input(rnn.project(x)), bptt.LayerWeights.of(rnn, None, None, input_norm=False)
+    # torch's GRU / LSTM module
+    return F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0), bptt.LayerWeights(None, rnn.weight_hh_l0, rnn.bias_hh_l0, None)
 
 
 @functools.cache

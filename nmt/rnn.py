@@ -113,11 +113,11 @@ LAYER_NORM_EPS = 1e-5  # torch's default, which checkpoints of layer-normalized 
 
 def gru_gates(projected: torch.Tensor, recurrent: torch.Tensor,
               h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The GRU update from W_ih·x + b_ih and W_hh·h + b_hh [N, 3H] → new h, reset, update, candidate [N, H], in
+    """The GRU update from W_ih·x + b_ih and W_hh·h + b_hh [..., 3H] → new h, reset, update, candidate [..., H], in
     the state's dtype (under autocast the projections come in bf16; the state stays float32)."""
     projected, recurrent = projected.to(h.dtype), recurrent.to(h.dtype)
-    projected_r, projected_z, projected_n = projected.chunk(3, dim=1)
-    recurrent_r, recurrent_z, recurrent_n = recurrent.chunk(3, dim=1)
+    projected_r, projected_z, projected_n = projected.chunk(3, dim=-1)
+    recurrent_r, recurrent_z, recurrent_n = recurrent.chunk(3, dim=-1)
     reset, update = torch.sigmoid(projected_r + recurrent_r), torch.sigmoid(projected_z + recurrent_z)
     candidate = torch.tanh(projected_n + reset * recurrent_n)
     return candidate + update * (h - candidate), reset, update, candidate
