@@ -8,6 +8,7 @@ time, and every weight gradient is one matmul over all steps' rows at the end in
 math comes from the cells and the attention (nmt.rnn, nmt.attention); only the loops and backward live here.
 The attention's tanh(q + keys) [rows, S, A] is recomputed by the backward rather than stored (stored, it was fresh
 memory every step, faulted in page by page); on CPU the fused kernels of nmt.kernels do both passes over it.
+Without gradients (decoding), `bidirectional_gru` runs an encoder layer's two directions in one loop instead.
 """
 
 from __future__ import annotations

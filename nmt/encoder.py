@@ -4,8 +4,9 @@ GRU (or LSTM), concatenated.
 The backward RNN reads each sentence reversed within its own length, so padding never enters either
 direction. The default path packs the positions (nmt.bptt.Packing: no work on padding), projects every layer's
 inputs in one matmul and runs the recurrence with hand-written backpropagation through time (nmt.bptt);
-`packed=False` runs torch's GRU / LSTM modules, which hold the weights, on the padded tensors (the form ONNX
-export traces); both give the same result. Layer-normalized layers are cells (fused RNNs have no layer norm):
+without gradients a GRU layer's two directions share one loop (bptt.bidirectional_gru). `packed=False` runs
+torch's GRU / LSTM modules, which hold the weights, on the padded tensors (the form ONNX export traces); all give
+the same result. Layer-normalized layers are cells (fused RNNs have no layer norm):
 packed, the same hand-written loop; padded, `scan_layer_norm_gru` / `_lstm`, scripted when traced so that the
 exported graph loops over any source length.
 """
