@@ -1,5 +1,6 @@
-"""The fused attention kernels (nmt.kernels): the same energies and gradients as the eager code within float32
-rounding, the same training step and translations, and the eager fallback where they cannot be built."""
+"""The fused kernels (nmt.kernels): the same attention energies and gradients, and the same greedy choice of token,
+as the eager code within float32 rounding; the same training step and translations; the eager fallback where they
+cannot be built."""
 
 from __future__ import annotations
 
