@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from nmt import kernels
 from nmt.attention import attend
-from nmt.rnn import LAYER_NORM_EPS, Cell, gru_gates, lstm_gates, normalize
+from nmt.rnn import LAYER_NORM_EPS, Cell, gate_norm, gru_gates, lstm_gates
 
 
 @dataclass(frozen=True)
@@ -450,7 +450,7 @@ def _gru_both_directions(plan: Plan, projected: torch.Tensor, *flat_weights: tor
         h = hidden[:, :n]
         recurrent = torch.bmm(h, weight) if bias is None else torch.baddbmm(bias, h, weight)  # [2, n, 3H]
         if gain is not None:
-            recurrent = (normalize(recurrent.view(2, n, 3, size)) * gain + norm_bias).view(2, n, 3 * size)
+            recurrent = gate_norm(recurrent, gain, norm_bias)
         hidden[:, :n] = out[:, o:o + n] = gru_gates(projected[:, o:o + n], recurrent, h)[0]
     return out
 

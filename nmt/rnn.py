@@ -146,8 +146,9 @@ def normalize(x: torch.Tensor, eps: float = LAYER_NORM_EPS) -> torch.Tensor:
 
 
 def gate_norm(x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor, eps: float = LAYER_NORM_EPS) -> torch.Tensor:
-    """Layer norm of each of the G gate blocks of x [..., G·H] on its own, gain and bias [G, H]."""
-    return (normalize(x.view(x.shape[:-1] + gain.shape), eps) * gain + bias).view(x.shape)
+    """Layer norm of each of the G gate blocks of x [..., G·H] on its own, gain and bias [G, H] (or [..., G, H]
+    broadcast against x's leading dimensions: several layers' norms at once)."""
+    return (normalize(x.view(x.shape[:-1] + gain.shape[-2:]), eps) * gain + bias).view(x.shape)
 
 
 def _uniform(cell: nn.Module, hidden_size: int) -> None:
