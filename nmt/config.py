@@ -109,11 +109,12 @@ class TrainConfig:
     lr: float = 0.001
     warmup_steps: int = 0
     # plateau: after the warmup, multiply the LR by lr_decay when validation BLEU stalls for lr_patience
-    # validations; inverse_sqrt: after the warmup, lr × sqrt(warmup_steps / step) (fairseq, Vaswani et al.)
-    lr_schedule: Literal["plateau", "inverse_sqrt"] = "plateau"
+    # validations; inverse_sqrt: after the warmup, lr × sqrt(warmup_steps / step) (fairseq, Vaswani et al.);
+    # cosine: after the warmup, a half cosine from lr down to min_lr at max_steps (Loshchilov & Hutter, no restarts)
+    lr_schedule: Literal["plateau", "inverse_sqrt", "cosine"] = "plateau"
     lr_decay: float = 0.5
     lr_patience: int = 3
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5  # plateau: stop when the LR falls below it; cosine: where the LR ends
     weight_decay: float = 0.0
     max_epochs: int = 20
     max_steps: int = 0  # 0 = no step limit
@@ -334,6 +335,9 @@ def validate(config: Config, check_files: bool = True) -> Config:
         if not ok:
             section, name = key.split(".")
             raise NMTError(f"{key}: invalid value {getattr(getattr(config, section), name)!r}")
+    if config.train.lr_schedule == "cosine" and config.train.max_steps <= config.train.warmup_steps:
+        raise NMTError(f"train.max_steps: the cosine schedule ends at max_steps, which must exceed warmup_steps "
+                       f"({config.train.warmup_steps}), got {config.train.max_steps}")
     if config.train.device not in ("cpu", "cuda") and not config.train.device.startswith("cuda:"):
         raise NMTError(f"train.device: must be cpu, cuda or cuda:N, got {config.train.device!r}")
     return config

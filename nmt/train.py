@@ -42,19 +42,23 @@ log = logging.getLogger("nmt.train")
 
 class LRSchedule:
     """Linear warmup over `warmup_steps`; then either the LR is multiplied by `decay` after `patience`
-    validations without a better BLEU (plateau), or it falls as sqrt(warmup_steps / step) (inverse_sqrt).
-    Plain-number state, so it fits in a weights-only checkpoint."""
+    validations without a better BLEU (plateau), or it falls as sqrt(warmup_steps / step) (inverse_sqrt), or along
+    a half cosine to `final_lr` at `total_steps` (cosine). Plain-number state, so it fits in a weights-only
+    checkpoint."""
 
     def __init__(self, base_lr: float, warmup_steps: int, decay: float, patience: int,
-                 kind: str = "plateau") -> None:
+                 kind: str = "plateau", total_steps: int = 0, final_lr: float = 0.0) -> None:
         self.base_lr, self.warmup_steps, self.decay, self.patience = base_lr, warmup_steps, decay, patience
-        self.kind = kind
+        self.kind, self.total_steps, self.final_lr = kind, total_steps, final_lr
         self.scale, self.best, self.bad = 1.0, -math.inf, 0
 
     def lr(self, step: int) -> float:
         warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.kind == "inverse_sqrt":
             warmup = min(warmup, math.sqrt(self.warmup_steps / (step + 1)))
+        if self.kind == "cosine":
+            done = min(1.0, max(0, step + 1 - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            return self.final_lr + (self.base_lr * warmup - self.final_lr) * 0.5 * (1 + math.cos(math.pi * done))
         return self.base_lr * self.scale * warmup
 
     def observe(self, metric: float) -> None:
@@ -135,7 +139,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                                           fused=True)
         self.schedule = LRSchedule(self.cfg.lr, self.cfg.warmup_steps, self.cfg.lr_decay, self.cfg.lr_patience,
-                                   self.cfg.lr_schedule)
+                                   self.cfg.lr_schedule, self.cfg.max_steps, self.cfg.min_lr)
         self.ema = ExponentialAverage(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp or "")
         fp16_on_cuda = self.amp_dtype == torch.float16 and self.device.type == "cuda"

@@ -125,6 +125,7 @@ def test_bad_configs_give_one_line_errors_naming_the_key(toy_corpus, tmp_path, c
         good + "train: {amp: maybe}\n": "train.amp: must be",
         good + "decode: {beam_size: 0}\n": "decode.beam_size: invalid value 0",
         good + "model: {rnn_type: transformer}\n": "model.rnn_type: must be 'gru' or 'lstm'",
+        good + "train: {lr_schedule: cosine, warmup_steps: 10}\n": "train.max_steps: the cosine schedule ends",
         "data:\n  train: {src: nowhere.es, tgt: nowhere.en}\n": "data.train.src: file not found",
         "data: [1, 2\n": "not valid YAML",
         "- just\n- a list\n": "top level must be a mapping",

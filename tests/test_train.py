@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -233,6 +234,16 @@ def test_inverse_square_root_schedule_warms_up_then_falls_and_ignores_plateaus()
     for metric in (5, 4, 3):
         schedule.observe(metric)
     assert schedule.lr(15) == pytest.approx(0.5)
+
+
+def test_cosine_schedule_warms_up_then_falls_along_a_half_cosine_to_its_floor_and_ignores_plateaus():
+    schedule = LRSchedule(1.0, warmup_steps=4, decay=0.5, patience=1, kind="cosine", total_steps=12, final_lr=0.1)
+    # warmup 0.25 ... 1 over steps 0-3; then 0.1 + 0.9 * (1 + cos(pi * (step + 1 - 4) / 8)) / 2
+    assert [schedule.lr(s) for s in (0, 1, 3, 7, 11, 20)] == pytest.approx([0.25, 0.5, 1.0, 0.55, 0.1, 0.1])
+    assert schedule.lr(5) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    for metric in (5, 4, 3):
+        schedule.observe(metric)
+    assert schedule.lr(7) == pytest.approx(0.55)
 
 
 def test_the_decoder_predicts_only_the_training_targets_pieces_unless_told_otherwise(tmp_path):
