@@ -110,7 +110,8 @@ class TrainConfig:
     warmup_steps: int = 0
     # plateau: after the warmup, multiply the LR by lr_decay when validation BLEU stalls for lr_patience
     # validations; inverse_sqrt: after the warmup, lr × sqrt(warmup_steps / step) (fairseq, Vaswani et al.);
-    # cosine: after the warmup, a half cosine from lr down to min_lr at max_steps (Loshchilov & Hutter, no restarts)
+    # cosine: after the warmup, a half cosine from lr down to min_lr at max_steps (Loshchilov & Hutter, no restarts;
+    # training on with a raised max_steps stretches the curve, so the LR rises again)
     lr_schedule: Literal["plateau", "inverse_sqrt", "cosine"] = "plateau"
     lr_decay: float = 0.5
     lr_patience: int = 3
