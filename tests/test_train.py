@@ -246,6 +246,12 @@ def test_cosine_schedule_warms_up_then_falls_along_a_half_cosine_to_its_floor_an
     assert schedule.lr(7) == pytest.approx(0.55)
 
 
+def test_the_trainer_runs_its_cosine_schedule_down_to_min_lr_at_max_steps(toy_corpus, tmp_path):
+    train = {"lr_schedule": "cosine", "lr": 0.01, "min_lr": 0.001, "warmup_steps": 2, "max_steps": 10}
+    trainer = Trainer(toy_config(toy_corpus, tmp_path / "run", train=train), quiet=True)
+    assert [trainer.schedule.lr(s) for s in (1, 5, 9)] == pytest.approx([0.01, 0.0055, 0.001])
+
+
 def test_the_decoder_predicts_only_the_training_targets_pieces_unless_told_otherwise(tmp_path):
     from conftest import write_reversal_corpus
 
