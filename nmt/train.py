@@ -56,9 +56,9 @@ class LRSchedule:
         warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.kind == "inverse_sqrt":
             warmup = min(warmup, math.sqrt(self.warmup_steps / (step + 1)))
-        if self.kind == "cosine":
-            done = min(1.0, max(0, step + 1 - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-            return self.final_lr + (self.base_lr * warmup - self.final_lr) * 0.5 * (1 + math.cos(math.pi * done))
+        if self.kind == "cosine" and warmup == 1.0:
+            done = min(1.0, (step + 1 - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            return self.final_lr + (self.base_lr - self.final_lr) * 0.5 * (1 + math.cos(math.pi * done))
         return self.base_lr * self.scale * warmup
 
     def observe(self, metric: float) -> None:
