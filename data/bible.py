@@ -309,13 +309,22 @@ def alignment_report(alignment: Alignment, src: dict[VerseRef, str], tgt: dict[V
     }
 
 
+def extra_split(module: str) -> str:
+    """The split holding the training books' sources paired with a further English translation."""
+    return f"train-{module}"
+
+
 def prepare_bible(out_dir: str | Path, modules_dir: str | Path | None = None,
-                  src_module: str = "spaRV1909eb", tgt_module: str = "engWEB2015eb") -> dict:
-    """Build the Bible corpus in out_dir from two SWORD modules; returns the manifest written there."""
+                  src_module: str = "spaRV1909eb", tgt_module: str = "engWEB2015eb",
+                  extra_tgt_modules: tuple[str, ...] = ()) -> dict:
+    """Build the Bible corpus in out_dir from two SWORD modules; returns the manifest written there. Each of
+    `extra_tgt_modules` (another English Bible, such as engKJV2006eb) adds a split `train-<module>`: the training
+    books' verses aligned with that translation, a second reference for them (dev and test keep tgt_module's)."""
     src = load_bible(src_module, modules_dir)
     tgt = load_bible(tgt_module, modules_dir)
     alignment = align_bibles(src, tgt)
     splits = split_by_book(alignment.pairs)
+    extras = {module: load_bible(module, modules_dir) for module in extra_tgt_modules}
     source = {
         "name": "bible",
         "description": f"Bible verses, {src_module} (SWORD) aligned with {tgt_module} (SWORD), split by book",
@@ -327,8 +336,12 @@ def prepare_bible(out_dir: str | Path, modules_dir: str | Path | None = None,
         "test_books": list(TEST_BOOKS),
         "alignment": alignment_report(alignment, src, tgt),
     }
-    return write_corpus(out_dir, {split: [(p.src, p.tgt) for p in pairs] for split, pairs in splits.items()},
-                        SRC_LANG, TGT_LANG, source, PREPARATION_VERSION)
+    corpus = {split: [(p.src, p.tgt) for p in pairs] for split, pairs in splits.items()}
+    for module, text in extras.items():
+        extra = align_bibles(src, text)
+        corpus[extra_split(module)] = [(p.src, p.tgt) for p in split_by_book(extra.pairs)["train"]]
+        source.setdefault("extra_alignments", {})[module] = alignment_report(extra, src, text)
+    return write_corpus(out_dir, corpus, SRC_LANG, TGT_LANG, source, PREPARATION_VERSION)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,10 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", default=None, help="SWORD folder holding mods.d/ (default /usr/share/sword)")
     parser.add_argument("--src-module", default="spaRV1909eb")
     parser.add_argument("--tgt-module", default="engWEB2015eb")
+    parser.add_argument("--extra-tgt-module", action="append", default=[],
+                        help="another English Bible for a second reference of the training books (repeatable)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        manifest = prepare_bible(args.out, args.modules, args.src_module, args.tgt_module)
+        manifest = prepare_bible(args.out, args.modules, args.src_module, args.tgt_module,
+                                 tuple(args.extra_tgt_module))
     except NMTError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

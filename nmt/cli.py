@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = kinds.add_parser("bible", help="the Bible Spanish→English corpus from SWORD modules")
     k.add_argument("--out", required=True)
     k.add_argument("--modules", help="SWORD folder (default: /usr/share/sword)")
+    k.add_argument("--extra-tgt-module", action="append", default=[],
+                   help="another English Bible (e.g. engKJV2006eb): a second reference of the training books")
     k = kinds.add_parser("hub", help="a Hugging Face dataset (hub name or saved folder)")
     k.add_argument("--name", required=True)
     k.add_argument("--config")
@@ -175,7 +177,7 @@ def dispatch(args: argparse.Namespace) -> None:
     elif command == "prepare" and args.kind == "bible":
         from data.bible import prepare_bible
 
-        prepare_bible(args.out, modules_dir=args.modules)
+        prepare_bible(args.out, modules_dir=args.modules, extra_tgt_modules=tuple(args.extra_tgt_module))
     elif command == "prepare" and args.kind == "hub":
         from data.hub import prepare_hub
 

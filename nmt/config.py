@@ -33,6 +33,10 @@ class CorpusSpec:
     src_lang: str | None = None
     tgt_lang: str | None = None
     limit: int = 0  # keep only the first N pairs (0 = all)
+    # A tag put before every source sentence, e.g. "<bt>" on back-translations (Caswell et al. 2019) or a second
+    # reference's name: the model learns the corpus's style under the tag and keeps the untagged one for
+    # translation. The vocabulary holds it as one piece.
+    src_prefix: str = ""
 
     def validate(self, where: str, check_files: bool = True) -> None:
         kinds = [k for k, on in (("src/tgt", self.src or self.tgt), ("path", self.path), ("hub", self.hub)) if on]
@@ -48,6 +52,8 @@ class CorpusSpec:
             raise NMTError(f"{where}: a hub dataset needs src_lang and tgt_lang")
         if self.limit < 0:
             raise NMTError(f"{where}.limit: must be >= 0")
+        if self.src_prefix and (len(self.src_prefix.split()) != 1 or self.src_prefix != self.src_prefix.strip()):
+            raise NMTError(f"{where}.src_prefix: must be one token without spaces, got {self.src_prefix!r}")
 
     def describe(self) -> str:
         if self.hub:
@@ -58,6 +64,7 @@ class CorpusSpec:
 @dataclass(frozen=True)
 class DataConfig:
     train: CorpusSpec | None = None
+    extra_train: tuple[CorpusSpec, ...] = ()  # more training pairs after `train` (e.g. a second reference, tagged)
     dev: CorpusSpec | None = None
     test: CorpusSpec | None = None
     max_len: int = 100  # pieces; longer training pairs are filtered out
@@ -278,7 +285,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
     data = dataclasses.replace(
         config.data, train=resolve_spec(config.data.train), dev=resolve_spec(config.data.dev),
-        test=resolve_spec(config.data.test),
+        test=resolve_spec(config.data.test), extra_train=tuple(resolve_spec(spec) for spec in config.data.extra_train),
     )
     train = dataclasses.replace(config.train, out_dir=resolve(config.train.out_dir),
                                 init_from=resolve(config.train.init_from))
@@ -293,6 +300,10 @@ def validate(config: Config, check_files: bool = True) -> Config:
         spec = getattr(config.data, name)
         if spec is not None:
             spec.validate(f"data.{name}", check_files)
+    for index, spec in enumerate(config.data.extra_train):
+        spec.validate(f"data.extra_train[{index}]", check_files)
+    if config.data.extra_train and config.data.train is None:
+        raise NMTError("data.extra_train: needs data.train (the corpus it adds to)")
     checks = [
         ("data.max_len", config.data.max_len >= 1),
         ("data.min_len", 0 <= config.data.min_len <= config.data.max_len),

@@ -130,7 +130,22 @@ def load_parallel(spec: CorpusSpec) -> datasets.Dataset:
         table = _load_file_pair(spec)
     if spec.limit:
         table = table.select(range(min(spec.limit, len(table))))
+    if spec.src_prefix:
+        prefix = spec.src_prefix
+        table = table.map(lambda batch: {"src": [f"{prefix} {line}" if line.strip() else line for line in batch["src"]]},
+                          batched=True, new_fingerprint=_fingerprint(table._fingerprint, prefix, "src-prefix-v1"))
     return table
+
+
+def load_training(data: DataConfig) -> datasets.Dataset:
+    """The training pairs: `data.train`, then each `data.extra_train` corpus, in file order."""
+    tables = [load_parallel(spec) for spec in (data.train, *data.extra_train)]
+    return tables[0] if len(tables) == 1 else hf().concatenate_datasets(tables)
+
+
+def source_tags(data: DataConfig) -> list[str]:
+    """The tags the training corpora put before their sources: the vocabulary keeps each as one piece."""
+    return sorted({spec.src_prefix for spec in (data.train, *data.extra_train) if spec and spec.src_prefix})
 
 
 def _fingerprint(*parts: str) -> str:

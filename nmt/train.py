@@ -30,7 +30,7 @@ from nmt import parallel, runlock
 from nmt.average import ExponentialAverage
 from nmt.checkpoint import load_checkpoint, model_from_payload, resolve_checkpoint, save_checkpoint
 from nmt.config import Config, config_from_checkpoint, load_config
-from nmt.data import Batch, TrainingData, filter_for_training, load_parallel, tokenize
+from nmt.data import Batch, TrainingData, filter_for_training, load_parallel, load_training, source_tags, tokenize
 from nmt.errors import NMTError
 from nmt.evaluate import bleu
 from nmt.model import Seq2Seq
@@ -187,10 +187,10 @@ class Trainer:
             vocab = Vocab.load(vocab_dir) if any(vocab_dir.glob("spm*.model")) else given
             table = None
             if vocab is None:
-                table = load_parallel(self.config.data.train)
-                vocab = train_vocab(self.config.vocab, table["src"], table["tgt"])
+                table = load_training(self.config.data)
+                vocab = train_vocab(self.config.vocab, table["src"], table["tgt"], source_tags(self.config.data))
             if self.config.vocab.output == "target" and vocab.output_ids is None:
-                table = table if table is not None else load_parallel(self.config.data.train)
+                table = table if table is not None else load_training(self.config.data)
                 vocab = vocab.restricted_to(vocab.encode_tgt([line.strip() for line in table["tgt"]]))
             vocab.save(vocab_dir)
         self.ranks.barrier()
@@ -198,7 +198,7 @@ class Trainer:
 
     def _datasets(self):
         data = self.config.data
-        train = filter_for_training(tokenize(load_parallel(data.train), self.vocab), data)
+        train = filter_for_training(tokenize(load_training(data), self.vocab), data)
         dev = load_parallel(data.dev)
         if len(dev) == 0:
             raise NMTError(f"data.dev: {data.dev.describe()} has no sentences (validation needs some)")

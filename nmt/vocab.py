@@ -169,7 +169,7 @@ def _read_output_map(path: Path) -> list[int] | None:
     return ids
 
 
-def _train_one(sentences: Iterable[str], config: VocabConfig) -> bytes:
+def _train_one(sentences: Iterable[str], config: VocabConfig, symbols: list[str] | None = None) -> bytes:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -182,6 +182,7 @@ def _train_one(sentences: Iterable[str], config: VocabConfig) -> bytes:
             shuffle_input_sentence=True,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             hard_vocab_limit=False,
+            user_defined_symbols=symbols or [],
             train_extremely_large_corpus=False,
             minloglevel=2,
         )
@@ -194,18 +195,21 @@ def _train_one(sentences: Iterable[str], config: VocabConfig) -> bytes:
     return model.getvalue()
 
 
-def train_vocab(config: VocabConfig, src_texts: Iterable[str], tgt_texts: Iterable[str]) -> Vocab:
-    """Train a joint (default) or separate SentencePiece vocabulary on the training texts.
+def train_vocab(config: VocabConfig, src_texts: Iterable[str], tgt_texts: Iterable[str],
+                src_tags: Iterable[str] = ()) -> Vocab:
+    """Train a joint (default) or separate SentencePiece vocabulary on the training texts; each of `src_tags`
+    (the tags training corpora put before their sources) becomes one source piece.
 
     `hard_vocab_limit=False` lets a small corpus yield fewer pieces than `config.size` instead of failing.
     """
     src_texts, tgt_texts = list(src_texts), list(tgt_texts)
     if not any(t.strip() for t in src_texts) or not any(t.strip() for t in tgt_texts):
         raise NMTError("cannot train a vocabulary: the training corpus has no text")
+    src_tags = list(src_tags)
     if config.joint:
-        joint = _train_one(_chain(src_texts, tgt_texts), config)
+        joint = _train_one(_chain(src_texts, tgt_texts), config, src_tags)
         return Vocab(joint, joint)
-    return Vocab(_train_one(src_texts, config), _train_one(tgt_texts, config))
+    return Vocab(_train_one(src_texts, config, src_tags), _train_one(tgt_texts, config))
 
 
 def _chain(*lists: list[str]) -> Iterator[str]:

@@ -16,7 +16,7 @@ from nmt.errors import NMTError
 CORPUS_KINDS = ("bible", "hub", "files")
 MODEL_SECTIONS = {"teacher": ("data", "vocab", "model", "train", "decode"),
                   "student": ("data", "model", "train", "decode")}  # the student shares the teacher's vocab
-RUNNER_SET = {"data": ("train", "dev", "test"), "train": ("out_dir",)}  # keys the runner fills in
+RUNNER_SET = {"data": ("train", "extra_train", "dev", "test"), "train": ("out_dir",)}  # keys the runner fills in
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class CorpusSection:
     max_train: int = 0  # hub: keep at most this many training pairs (0 = all)
     dev_split: str = "validation"  # hub: carved from train when the dataset lacks it
     test_split: str = "test"
+    # bible: further English Bibles (SWORD modules, e.g. engKJV2006eb) as second references of the training books;
+    # the teacher trains on them too, their sources tagged <module> so that untagged input keeps the main style
+    extra_targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,13 +87,17 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 
 def _section(cls: type, value: Any, where: str) -> Any:
     """Build a recipe dataclass from a mapping: unknown keys and values of the wrong type are NMTErrors."""
-    values = _mapping(value, where)
+    values = dict(_mapping(value, where))
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key, item in values.items():
         if key not in defaults:
             raise NMTError(f"{where}.{key}: unknown key (valid: {', '.join(defaults)})")
         expected = type(defaults[key])
-        if not isinstance(item, expected) or (expected is int and isinstance(item, bool)):
+        if expected is tuple:  # a list of names in YAML
+            if not isinstance(item, list) or not all(isinstance(name, str) and name for name in item):
+                raise NMTError(f"{where}.{key}: must be a list of names, got {item!r}")
+            values[key] = tuple(item)
+        elif not isinstance(item, expected) or (expected is int and isinstance(item, bool)):
             raise NMTError(f"{where}.{key}: must be {expected.__name__}, got {item!r}")
     return cls(**values)
 
@@ -120,6 +127,8 @@ def _corpus(value: Any, base: Path) -> CorpusSection:
     for key in needed[corpus.kind]:
         if not getattr(corpus, key):
             raise NMTError(f"corpus.{key}: needed for a {corpus.kind} corpus")
+    if corpus.extra_targets and corpus.kind != "bible":
+        raise NMTError(f"corpus.extra_targets: only a bible corpus has them, not a {corpus.kind} corpus")
     name = _resolve(base, corpus.name) if corpus.name and (base / corpus.name).exists() else corpus.name
     return dataclasses.replace(corpus, dir=_resolve(base, corpus.dir), modules_dir=_resolve(base, corpus.modules_dir),
                                name=name)

@@ -81,6 +81,20 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+# Keys added after runs were recorded, with their defaults: a fingerprint holds them only when set, so that a run
+# from before them stays current.
+LATE_KEYS = {"extra_targets": [], "extra_train": [], "src_prefix": ""}
+
+
+def _without_late_defaults(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_late_defaults(item) for key, item in value.items()
+                if not (key in LATE_KEYS and item == LATE_KEYS[key])}
+    if isinstance(value, list):
+        return [_without_late_defaults(item) for item in value]
+    return value
+
+
 def write_json(path: Path, value: Any) -> None:
     write_atomic(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
@@ -129,8 +143,14 @@ class RecipeRun:
     def corpus_file(self, split: str, side: int) -> Path:
         return self.corpus_dir / f"{split}.{self.languages()[side]}"
 
+    def extra_splits(self) -> list[str]:
+        """The splits of the training books' further references (corpus.extra_targets), for the teacher."""
+        from data.bible import extra_split
+
+        return [extra_split(module) for module in self.recipe.corpus.extra_targets]
+
     def corpus_files(self) -> list[Path]:
-        files = [self.corpus_file(split, side) for split in SPLITS for side in (0, 1)]
+        files = [self.corpus_file(split, side) for split in (*SPLITS, *self.extra_splits()) for side in (0, 1)]
         return files if self.recipe.corpus.kind == "files" else files + [self.corpus_dir / "manifest.json"]
 
     @property
@@ -151,6 +171,11 @@ class RecipeRun:
             sections["data"] = {**sections.get("data", {}), **{
                 split: {"src": str(self.corpus_file(split, 0)), "tgt": str(self.corpus_file(split, 1))}
                 for split in SPLITS}}
+            if role == "teacher" and self.recipe.corpus.extra_targets:
+                sections["data"]["extra_train"] = [
+                    {"src": str(self.corpus_file(split, 0)), "tgt": str(self.corpus_file(split, 1)),
+                     "src_prefix": f"<{module}>"}
+                    for split, module in zip(self.extra_splits(), self.recipe.corpus.extra_targets)]
             sections["train"] = {**sections.get("train", {}), "out_dir": str(self.model_dir(role))}
             if role in ("student", "baseline"):
                 sections["vocab"] = self.recipe.teacher.get("vocab", {})
@@ -179,7 +204,7 @@ class RecipeRun:
         write_json(self.state_path, {"recipe": str(self.recipe.path), "stages": self.state})
 
     def _digest(self, value: Any) -> str:
-        text = json.dumps(value, sort_keys=True, default=str).replace(str(self.dir), "<run>")
+        text = json.dumps(_without_late_defaults(_plain(value)), sort_keys=True).replace(str(self.dir), "<run>")
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def output_digest(self, name: str) -> str:

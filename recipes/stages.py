@@ -46,7 +46,8 @@ def prepare(run: RecipeRun) -> dict[str, Any]:
     if corpus.kind == "bible":
         from data.bible import prepare_bible
 
-        manifest = prepare_bible(run.corpus_dir, modules_dir=corpus.modules_dir or None)
+        manifest = prepare_bible(run.corpus_dir, modules_dir=corpus.modules_dir or None,
+                                 extra_tgt_modules=corpus.extra_targets)
     else:
         from data.hub import prepare_hub
 
@@ -59,12 +60,12 @@ def prepare(run: RecipeRun) -> dict[str, Any]:
        outputs=lambda run: [run.vocab_dir])
 def vocab(run: RecipeRun) -> dict[str, Any]:
     """The joint (or separate) SentencePiece vocabulary, trained once and shared by teacher and student."""
-    from nmt.data import load_parallel
+    from nmt.data import load_training, source_tags
     from nmt.vocab import train_vocab
 
     config = run.config("teacher")
-    table = load_parallel(config.data.train)
-    trained = train_vocab(config.vocab, table["src"], table["tgt"])
+    table = load_training(config.data)
+    trained = train_vocab(config.vocab, table["src"], table["tgt"], source_tags(config.data))
     shutil.rmtree(run.vocab_dir, ignore_errors=True)
     files = trained.save(run.vocab_dir)
     return {"pieces": {"src": trained.src_size, "tgt": trained.tgt_size}, "files": [f.name for f in files]}

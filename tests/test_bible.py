@@ -116,7 +116,7 @@ def test_missing_modules_give_nmt_error_and_exit_status_2(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("bible")
-    manifest = prepare_bible(out)
+    manifest = prepare_bible(out, extra_tgt_modules=("engKJV2006eb",))
     lines = {name: (out / name).read_text(encoding="utf-8").splitlines() for name in manifest["sha256"]}
     return out, manifest, lines
 
@@ -132,7 +132,7 @@ def _pair_containing(lines, spanish_fragment):
 @needs_modules
 def test_bible_corpus_has_the_measured_number_of_aligned_verses(corpus):
     _, manifest, lines = corpus
-    total = sum(manifest["counts"].values())
+    total = sum(manifest["counts"][split] for split in ("train", "dev", "test"))
     assert 31060 <= total <= 31090  # measured: 31,074
     assert manifest["counts"]["dev"] == 411 and manifest["counts"]["test"] == 2348
     for split, count in manifest["counts"].items():
@@ -177,3 +177,16 @@ def test_split_books_are_disjoint_and_checksums_match(corpus):
     assert not {"1Kgs", "2Kgs", "1Chr", "2Chr", "1Sam", "2Sam", "Matt", "Mark", "Luke"} & set(DEV_BOOKS + TEST_BOOKS)
     for name, digest in manifest["sha256"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+
+
+@needs_modules
+def test_a_second_english_bible_pairs_the_training_books_only(corpus):
+    _, manifest, lines = corpus
+    es, en = lines["train-engKJV2006eb.es"], lines["train-engKJV2006eb.en"]
+    assert len(es) == len(en) == manifest["counts"]["train-engKJV2006eb"]
+    assert abs(len(es) - manifest["counts"]["train"]) < 50  # measured: 28,314 against 28,315
+    assert es[0] == lines["train.es"][0] and en[0] == "In the beginning God created the heaven and the earth."
+    held_out = set(lines["dev.es"]) | set(lines["test.es"])
+    assert held_out & set(es) <= set(lines["train.es"])  # only verses repeated word for word in a training book
+    assert not any("<" in line or "\t" in line for line in en)
+    assert "engKJV2006eb" in manifest["source"]["extra_alignments"]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from nmt.config import CorpusSpec, DataConfig, VocabConfig, load_config
-from nmt.data import Batch, TokenBatcher, filter_for_training, load_parallel, pad, read_lines, tokenize
+from nmt.config import CorpusSpec, DataConfig, VocabConfig, config_from_dict, load_config
+from nmt.data import (Batch, TokenBatcher, filter_for_training, load_parallel, load_training, pad, read_lines,
+                      source_tags, tokenize)
 from nmt.errors import NMTError
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab, train_vocab
 
@@ -238,3 +239,29 @@ def test_a_vocabulary_smaller_than_asked_for_is_a_warning(toy_corpus, capsys):
     vocab = train_vocab(VocabConfig(size=500), lines, lines)
     assert vocab.src_size < 500
     assert f"warning: vocab.size 500 asked for, but SentencePiece built {vocab.src_size} pieces" in capsys.readouterr().err
+
+
+def test_a_tagged_extra_corpus_follows_the_training_pairs_and_its_tag_is_one_source_piece(tmp_path):
+    for name, src, tgt in (("a", "one two\nthree\n", "uno dos\ntres\n"), ("b", "four\n\n", "cuatro\nx\n")):
+        (tmp_path / f"{name}.src").write_text(src)
+        (tmp_path / f"{name}.tgt").write_text(tgt)
+    spec = {name: CorpusSpec(src=str(tmp_path / f"{name}.src"), tgt=str(tmp_path / f"{name}.tgt")) for name in "ab"}
+    data = DataConfig(train=spec["a"], extra_train=(CorpusSpec(**{**spec["b"].__dict__, "src_prefix": "<2b>"}),))
+    table = load_training(data)
+    assert table["src"] == ["one two", "three", "<2b> four", ""]  # an empty line stays empty (filtered later)
+    assert table["tgt"] == ["uno dos", "tres", "cuatro", "x"]
+    assert source_tags(data) == ["<2b>"] and source_tags(DataConfig(train=spec["a"])) == []
+    tagged = train_vocab(VocabConfig(size=40), table["src"], table["tgt"], source_tags(data))
+    assert "<2b>" in tagged.src_pieces(tagged.encode_src(["<2b> four"])[0])
+    plain = train_vocab(VocabConfig(size=40), table["src"], table["tgt"])
+    assert "<2b>" not in plain.src_pieces(plain.encode_src(["<2b> four"])[0])
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"src": "a", "tgt": "b", "src_prefix": "<2 b>"}}, "data.train.src_prefix: must be one token"),
+    ({"extra_train": [{"src": "a", "tgt": "b"}]}, "data.extra_train: needs data.train"),
+    ({"train": {"src": "a", "tgt": "b"}, "extra_train": [{"src": "a"}]}, r"data.extra_train\[0\]: both src and tgt"),
+])
+def test_bad_extra_training_corpora_are_one_line_errors(data, message):
+    with pytest.raises(NMTError, match=message):
+        config_from_dict({"data": data}, check_files=False)

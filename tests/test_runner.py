@@ -22,6 +22,7 @@ from nmt.distill import student_trainer
 from nmt.errors import NMTError
 from nmt.train import Trainer
 from recipes.runner import STAGES, load_recipe, run_recipe, select_stages
+from recipes.run import RecipeRun
 from conftest import TINY_MODEL
 
 OPTIONAL_MODULES = ("nmt.distill", "serving.export", "onnxruntime")
@@ -354,6 +355,13 @@ def test_recipe_mistakes_are_one_line_errors(toy_corpus, tmp_path):
     values["evaluate"]["speed_repeats"] = 0
     with pytest.raises(NMTError, match="speed_repeats >= 1"):
         load_recipe(write_recipe(tmp_path, values))
+    values = recipe_values(toy_corpus)
+    values["corpus"]["extra_targets"] = ["engKJV2006eb"]
+    with pytest.raises(NMTError, match="corpus.extra_targets: only a bible corpus"):
+        load_recipe(write_recipe(tmp_path, values))
+    values["corpus"] = {"kind": "bible", "extra_targets": "engKJV2006eb"}
+    with pytest.raises(NMTError, match="corpus.extra_targets: must be a list of names"):
+        load_recipe(write_recipe(tmp_path, values))
     with pytest.raises(NMTError, match="--from bake: unknown stage"):
         select_stages("bake", None)
     assert select_stages("student", "export") == ["student", "evaluate_student", "baseline", "evaluate_baseline",
@@ -410,3 +418,17 @@ def test_student_fine_tuned_from_the_teacher_starts_from_its_weights(run_copy, t
     write_recipe(run_copy, values)
     with pytest.raises(NMTError, match="init_from: .* another shape"):
         run_recipe(run_copy / "recipe.yaml")
+
+
+def test_a_second_reference_trains_the_teacher_only_tagged_and_leaves_old_fingerprints_alone(toy_corpus, tmp_path):
+    values = recipe_values(toy_corpus)
+    values["corpus"] = {"kind": "bible", "extra_targets": ["engKJV2006eb"]}
+    run = RecipeRun(load_recipe(write_recipe(tmp_path, values)))
+    (extra,) = run.config("teacher").data.extra_train
+    assert extra.src_prefix == "<engKJV2006eb>"
+    assert (extra.src, extra.tgt) == tuple(str(run.corpus_dir / f"train-engKJV2006eb.{lang}") for lang in ("es", "en"))
+    assert run.config("student").data.extra_train == ()
+    assert run.corpus_dir / "train-engKJV2006eb.en" in run.corpus_files()
+    # a key added later, at its default, leaves the fingerprints recorded before it unchanged
+    assert run._digest({"kind": "bible", "extra_targets": []}) == run._digest({"kind": "bible"})
+    assert run._digest({"kind": "bible", "extra_targets": ["engKJV2006eb"]}) != run._digest({"kind": "bible"})

@@ -368,3 +368,18 @@ def test_a_second_training_in_a_folder_in_use_refuses_and_a_stale_lock_is_taken_
     # the holder is gone (killed): its lock is stale, the next training takes it over and releases it at the end
     summary = Trainer(load_config(str(config)), quiet=True).train()
     assert summary["steps"] == 2 and not (run / ".lock").exists()
+
+
+def test_a_tagged_extra_corpus_is_trained_on_beside_the_training_pairs(toy_corpus, tmp_path):
+    # the toy targets in upper case as a second "reference", tagged: the trainer reads both, the tag as one piece
+    (tmp_path / "upper.tgt").write_text((toy_corpus / "train.tgt").read_text().upper())
+    extra = {"src": str(toy_corpus / "train.src"), "tgt": str(tmp_path / "upper.tgt"), "src_prefix": "<up>"}
+    config = toy_config(toy_corpus, tmp_path / "run")
+    plain = Trainer(config, quiet=True)
+    tagged = Trainer(toy_config(toy_corpus, tmp_path / "tagged", data={"extra_train": [extra]}, vocab={"size": 40}),
+                     quiet=True)
+    assert len(tagged.train_data) == 2 * len(plain.train_data)
+    vocab = tagged.vocab
+    assert "<up>" in vocab.src_pieces(vocab.encode_src(["<up> a b"])[0])
+    uppercase = [piece for piece in vocab.tgt_pieces(list(range(vocab.tgt_size))) if piece.strip("▁").isupper()]
+    assert uppercase  # the output layer covers the extra corpus's target pieces too
