@@ -296,12 +296,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
 def validate(config: Config, check_files: bool = True) -> Config:
     """Check values that types alone cannot; returns the config unchanged."""
-    for name in ("train", "dev", "test"):
-        spec = getattr(config.data, name)
+    specs = {f"data.{name}": getattr(config.data, name) for name in ("train", "dev", "test")}
+    specs.update((f"data.extra_train[{index}]", spec) for index, spec in enumerate(config.data.extra_train))
+    for where, spec in specs.items():
         if spec is not None:
-            spec.validate(f"data.{name}", check_files)
-    for index, spec in enumerate(config.data.extra_train):
-        spec.validate(f"data.extra_train[{index}]", check_files)
+            spec.validate(where, check_files)
     if config.data.extra_train and config.data.train is None:
         raise NMTError("data.extra_train: needs data.train (the corpus it adds to)")
     checks = [
